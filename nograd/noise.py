@@ -1,0 +1,180 @@
+"""Seeded noise that is regenerated, never stored.
+
+Every random number a forward-only optimizer draws is a pure function of
+``(seed, generation, member, index, block)``:
+
+* ``seed``        the run's seed,
+* ``generation``  the optimizer step,
+* ``member``      the direction within the step (antithetic pairs share one),
+* ``index``       which tensor (parameter) of the search space,
+* ``block``       which fixed-size block of that tensor (``BLOCK`` elements).
+
+A 64-bit key is derived from these with a splitmix64 hash and seeds a fresh
+``torch.Generator``. Because a block's numbers depend on nothing else, the
+same noise comes out whatever the chunk size, the order in which members are
+visited, or how many processes share the work: distributed ES can exchange
+seeds and fitness values only. Numbers are reproducible per device type (the
+CPU and CUDA generators differ), and always drawn in float32, then cast.
+
+Example:
+    >>> noise = SeededNoise(seed=0)
+    >>> a = noise.full((3, 4), generation=1, member=2, index=0)
+    >>> b = noise.full((3, 4), generation=1, member=2, index=0)
+    >>> bool((a == b).all())
+    True
+    >>> A, B = noise.lowrank(5, 4, rank=2, generation=1, member=0, index=3)
+    >>> tuple(A.shape), tuple(B.shape)
+    ((5, 2), (4, 2))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+BLOCK = 1 << 18  # elements per independently keyed block of a tensor's noise
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_key(*parts: int) -> int:
+    """Hash integers into one 63-bit generator seed (order matters)."""
+    h = 0x2545F4914F6CDD1D
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h >> 1
+
+
+def mirrored(member: int) -> tuple[int, float]:
+    """Antithetic pairing: members 2k and 2k+1 use direction k with signs +1 and -1."""
+    return member // 2, (1.0 if member % 2 == 0 else -1.0)
+
+
+class SeededNoise:
+    """Deterministic Gaussian or Rademacher noise keyed by (seed, generation, member, index)."""
+
+    def __init__(self, seed: int = 0, distribution: str = "gaussian", threads: int | None = None) -> None:
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"noise distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        self.seed = int(seed)
+        self.distribution = distribution
+        # torch's CPU generator is single-threaded; independent blocks let threads share the work.
+        self.threads = max(1, threads if threads is not None else torch.get_num_threads())
+        self._generators: dict[str, torch.Generator] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict:
+        return {"seed": self.seed, "distribution": self.distribution, "threads": self.threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def key(self, generation: int, member: int, index: int, block: int = 0) -> int:
+        return derive_key(self.seed, generation, member, index, block)
+
+    def _generator(self, device: torch.device, key: int) -> torch.Generator:
+        name = str(device)
+        g = self._generators.get(name)
+        if g is None:
+            g = torch.Generator(device=device)
+            self._generators[name] = g
+        return g.manual_seed(key)
+
+    def _draw(self, out: torch.Tensor, key: int, generator: torch.Generator | None = None) -> None:
+        g = generator.manual_seed(key) if generator is not None else self._generator(out.device, key)
+        if self.distribution == "gaussian":
+            out.normal_(generator=g)
+        else:
+            out.bernoulli_(0.5, generator=g).mul_(2.0).sub_(1.0)
+
+    def fill_(
+        self, out: torch.Tensor, *, generation: int, member: int, index: int, start_block: int = 0
+    ) -> torch.Tensor:
+        """Fill a contiguous float32 1-D tensor with the noise of blocks ``start_block, start_block+1, ...``."""
+        n = out.numel()
+        starts = list(range(0, n, BLOCK))
+        keys = [self.key(generation, member, index, start_block + i) for i in range(len(starts))]
+        if len(starts) == 1 or self.threads == 1 or out.device.type != "cpu":
+            for s, k in zip(starts, keys):
+                self._draw(out[s : s + BLOCK], k)
+            return out
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads)
+        per_thread = [torch.Generator() for _ in range(self.threads)]
+
+        def work(t: int) -> None:
+            for j in range(t, len(starts), self.threads):
+                self._draw(out[starts[j] : starts[j] + BLOCK], keys[j], per_thread[t])
+
+        list(self._pool.map(work, range(self.threads)))
+        return out
+
+    def full(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        *,
+        generation: int,
+        member: int,
+        index: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The dense noise tensor of one member for one parameter."""
+        out = torch.empty(torch.Size(shape).numel(), device=device, dtype=torch.float32)
+        self.fill_(out, generation=generation, member=member, index=index)
+        return out.view(shape).to(dtype)
+
+    def full_chunks(
+        self,
+        numel: int,
+        *,
+        generation: int,
+        member: int,
+        index: int,
+        chunk_blocks: int = 4,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, noise)`` over a flattened tensor, ``chunk_blocks`` blocks at a time.
+
+        The concatenation equals ``full(...).flatten()``; only one chunk is alive at a time.
+        """
+        step = BLOCK * max(1, chunk_blocks)
+        buf = torch.empty(min(step, numel), device=device, dtype=torch.float32)
+        for start in range(0, numel, step):
+            part = buf[: min(step, numel - start)]
+            self.fill_(part, generation=generation, member=member, index=index, start_block=start // BLOCK)
+            yield start, part
+
+    def lowrank(
+        self,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        *,
+        generation: int,
+        member: int,
+        index: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors ``A`` (out x r) and ``B`` (in x r) of the EGGROLL perturbation ``E = A B^T / sqrt(r)``."""
+        flat = self.full(
+            ((out_features + in_features) * rank,),
+            generation=generation,
+            member=member,
+            index=index,
+            device=device,
+            dtype=dtype,
+        )
+        a, b = flat.split([out_features * rank, in_features * rank])
+        return a.view(out_features, rank), b.view(in_features, rank)
