@@ -100,7 +100,7 @@ class SeededNoise:
     def fill_(
         self, out: torch.Tensor, *, generation: int, member: int, index: int, start_block: int = 0
     ) -> torch.Tensor:
-        """Fill a contiguous float32 1-D tensor with the noise of blocks ``start_block, start_block+1, ...``."""
+        """Fill a contiguous float32 1-D tensor with the noise of blocks ``start_block, ...``."""
         n = out.numel()
         starts = list(range(0, n, BLOCK))
         keys = [self.key(generation, member, index, start_block + i) for i in range(len(starts))]

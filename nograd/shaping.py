@@ -58,7 +58,8 @@ def centered_ranks(losses: torch.Tensor) -> torch.Tensor:
     uniq, inverse = torch.unique(x, return_inverse=True)
     if uniq.numel() < n:
         sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, ranks)
-        counts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, torch.ones(n, dtype=torch.float64))
+        ones = torch.ones(n, dtype=torch.float64)
+        counts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, ones)
         ranks = (sums / counts)[inverse]
     return ranks / (n - 1) - 0.5
 

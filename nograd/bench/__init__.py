@@ -1,0 +1,24 @@
+"""Benchmarks behind ``nograd bench NAME --json``.
+
+Each benchmark is a function ``run(args: list[str]) -> dict`` registered in ``BENCHES``; the CLI
+prints the returned dict as JSON. Figures are ratios measured within one run, so a noisy
+machine shifts both sides of each ratio alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import import_module
+
+# name -> (module path, one-line summary); modules are imported lazily
+BENCHES: dict[str, tuple[str, str]] = {}
+
+
+def register(name: str, module: str, summary: str) -> None:
+    BENCHES[name] = (module, summary)
+
+
+def get(name: str) -> Callable[[list[str]], dict]:
+    if name not in BENCHES:
+        raise KeyError(name)
+    return import_module(BENCHES[name][0]).run

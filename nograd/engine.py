@@ -1,0 +1,511 @@
+"""Perturb a model and evaluate it: the engine under every forward-only optimizer.
+
+Three pieces, all driven by :class:`~nograd.noise.SeededNoise` so no population is ever stored:
+
+* :class:`ParamSpace` - the trainable tensors (``requires_grad=True``), each with a stable index
+  and a perturbation kind: low-rank ``E = A B^T / sqrt(r)`` for matrices when ``rank > 0``
+  (EGGROLL, arXiv 2511.16652), dense noise otherwise.
+* :class:`InPlacePerturbation` - evaluate one member at *inference memory* (MeZO's trick,
+  arXiv 2305.17333). Each module's own parameters are perturbed when its forward starts and
+  copied back when it ends, so the restore is bit-exact in every dtype and the extra memory is
+  one module's parameters at a time, never the model.
+* :class:`BatchedPerturbation` - evaluate ``P`` members in one forward at inference throughput
+  (EGGROLL): the batch is member-major (``P * b`` rows) and forward hooks add each member's
+  perturbation to the shared dense result, ``y = x W^T + sigma (x B_i) A_i^T / sqrt(r)``.
+
+Estimates ``g = sum_k c_k E_k`` are rebuilt from the seeds tensor by tensor and either written
+into ``.grad`` (so any ``torch.optim`` optimizer takes the step) or applied in place as an
+SGD step with no model-sized buffer (:func:`accumulate`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .noise import SeededNoise
+
+Direction = tuple[int, float]  # (noise direction index, scale such as +sigma or -sigma)
+
+
+class ParamSpace:
+    """The tensors a forward-only optimizer searches over.
+
+    Accepts a module, an iterable of parameters, or torch.optim-style param groups. Only tensors
+    with ``requires_grad=True`` are included (a LoRA model trains its adapters only); tied
+    parameters appear once.
+
+    Example:
+        >>> space = ParamSpace(nn.Linear(3, 2), rank=1)
+        >>> space.names, space.lowrank
+        (['weight', 'bias'], [True, False])
+    """
+
+    def __init__(self, params: nn.Module | Iterable[torch.Tensor] | Iterable[dict], rank: int = 0) -> None:
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.rank = int(rank)
+        self.module = params if isinstance(params, nn.Module) else None
+        named: list[tuple[str, torch.Tensor]] = []
+        if isinstance(params, nn.Module):
+            named = list(params.named_parameters())
+        else:
+            for j, item in enumerate(params):
+                if isinstance(item, dict):
+                    named += [(f"group{j}.{k}", p) for k, p in enumerate(item["params"])]
+                else:
+                    named.append((f"param{j}", item))
+        self.tensors: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self.index_of: dict[int, int] = {}
+        for name, p in named:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"expected tensors to optimise, got {type(p).__name__} for {name}")
+            if not p.requires_grad or id(p) in self.index_of:
+                continue
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"parameter {name} has dtype {p.dtype}; only floating tensors can be perturbed"
+                )
+            self.index_of[id(p)] = len(self.tensors)
+            self.tensors.append(p)
+            self.names.append(name)
+        if not self.tensors:
+            raise ValueError("no parameters with requires_grad=True to optimise")
+        self.lowrank = [self.rank > 0 and p.dim() >= 2 for p in self.tensors]
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.tensors)
+
+    def matrix_shape(self, i: int) -> tuple[int, int]:
+        p = self.tensors[i]
+        return p.shape[0], p.numel() // p.shape[0]
+
+    def factors(
+        self, noise: SeededNoise, i: int, generation: int, direction: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factors (A, B) of tensor ``i`` for one direction, in float32 on its device."""
+        out_f, in_f = self.matrix_shape(i)
+        return noise.lowrank(
+            out_f,
+            in_f,
+            self.rank,
+            generation=generation,
+            member=direction,
+            index=i,
+            device=self.tensors[i].device,
+        )
+
+    def dense(self, noise: SeededNoise, i: int, generation: int, direction: int) -> torch.Tensor:
+        """The perturbation direction ``E`` of tensor ``i`` materialised (float32, the tensor's shape)."""
+        p = self.tensors[i]
+        if self.lowrank[i]:
+            a, b = self.factors(noise, i, generation, direction)
+            return (a @ b.T).div_(math.sqrt(self.rank)).view(p.shape)
+        return noise.full(p.shape, generation=generation, member=direction, index=i, device=p.device)
+
+    def add_direction_(
+        self, noise: SeededNoise, i: int, generation: int, direction: int, alpha: float, target: torch.Tensor
+    ) -> None:
+        """``target += alpha * E`` for tensor ``i``; dense noise is materialised a block at a time."""
+        if self.lowrank[i]:
+            a, b = self.factors(noise, i, generation, direction)
+            flat = target.view(a.shape[0], b.shape[0])
+            if flat.dtype == torch.float32:
+                flat.addmm_(a, b.T, alpha=alpha / math.sqrt(self.rank))
+            else:
+                flat.add_(a @ b.T, alpha=alpha / math.sqrt(self.rank))
+            return
+        flat = target.view(-1)
+        for start, z in noise.full_chunks(
+            flat.numel(), generation=generation, member=direction, index=i, device=target.device
+        ):
+            flat[start : start + z.numel()].add_(z, alpha=alpha)
+
+
+def accumulate(
+    space: ParamSpace,
+    noise: SeededNoise,
+    generation: int,
+    coefficients: Sequence[tuple[int, float]],
+    *,
+    lr: float | None = None,
+    into: str = "grad",
+) -> None:
+    """Rebuild ``g = sum_k c_k E_k`` from the seeds and use it, one tensor at a time.
+
+    ``into="grad"`` writes ``g`` into each parameter's ``.grad`` (overwriting it) so that any
+    torch optimizer can step. ``into="update"`` applies ``p -= lr * g`` in place; dense noise is
+    then added block by block, so no buffer of the size of a tensor, let alone the model, is made.
+    """
+    if into not in ("grad", "update"):
+        raise ValueError(f"into must be 'grad' or 'update', got {into!r}")
+    if into == "update" and lr is None:
+        raise ValueError("accumulate(into='update') needs lr")
+    with torch.no_grad():
+        for i, p in enumerate(space.tensors):
+            if space.lowrank[i] and len(coefficients) > 1:
+                # sum_k c_k A_k B_k^T as one matrix product over the stacked factors
+                pairs = [space.factors(noise, i, generation, d) for d, _ in coefficients]
+                a = torch.cat([pa * c for (pa, _), (_, c) in zip(pairs, coefficients)], dim=1)
+                b = torch.cat([pb for _, pb in pairs], dim=1)
+                g = (a @ b.T).div_(math.sqrt(space.rank)).view(p.shape)
+                if into == "grad":
+                    p.grad = g.to(p.dtype)
+                else:
+                    p.add_(g.to(p.dtype), alpha=-lr)
+                continue
+            if into == "grad":
+                g = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                for d, c in coefficients:
+                    space.add_direction_(noise, i, generation, d, c, g)
+                p.grad = g.to(p.dtype)
+            elif p.dtype == torch.float32:
+                for d, c in coefficients:
+                    space.add_direction_(noise, i, generation, d, -lr * c, p.data)
+            else:
+                # accumulate in float32 so a low-precision weight is rounded once per step
+                g = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                for d, c in coefficients:
+                    space.add_direction_(noise, i, generation, d, c, g)
+                p.sub_((g * lr).to(p.dtype))
+
+
+def _direct_owners(space: ParamSpace, module: nn.Module) -> dict[int, list[int]]:
+    """id(module) -> indices of the space's tensors registered directly on it."""
+    owners: dict[int, list[int]] = {}
+    for m in module.modules():
+        idx = [
+            space.index_of[id(p)] for p in m._parameters.values() if p is not None and id(p) in space.index_of
+        ]
+        if idx:
+            owners[id(m)] = idx
+    return owners
+
+
+class InPlacePerturbation:
+    """Evaluate ``f(theta + scale * E_d)`` at inference memory with a bit-exact restore.
+
+    While the context of :meth:`apply` is open, global module hooks perturb a module's own
+    parameters when its forward starts (saving a copy of just those tensors) and copy them back
+    when it ends. Tied parameters are perturbed once by whichever owner runs first. Tensors that
+    no module forward touches (raw tensors passed to a function) are perturbed for the whole
+    context instead, which costs a copy of those tensors. Ownership is found from ``module`` if
+    given, else by a first, unperturbed forward of the closure (:meth:`discover`).
+    """
+
+    def __init__(self, space: ParamSpace, noise: SeededNoise, module: nn.Module | None = None) -> None:
+        self.space = space
+        self.noise = noise
+        self.module = module if module is not None else space.module
+        self.owners: dict[int, list[int]] | None = None
+        self.unowned: list[int] = []
+        if self.module is not None:
+            self._set_owners(_direct_owners(space, self.module))
+
+    def _set_owners(self, owners: dict[int, list[int]]) -> None:
+        self.owners = owners
+        owned = {i for idx in owners.values() for i in idx}
+        self.unowned = [i for i in range(len(self.space)) if i not in owned]
+
+    @property
+    def needs_discovery(self) -> bool:
+        return self.owners is None
+
+    def discover(self, closure: Callable[[], object]) -> object:
+        """Run ``closure`` unperturbed, recording which modules' forwards own which tensors."""
+        owners: dict[int, list[int]] = {}
+
+        def pre(module: nn.Module, args: tuple) -> None:
+            if id(module) in owners:
+                return
+            idx = [
+                self.space.index_of[id(p)]
+                for p in module._parameters.values()
+                if p is not None and id(p) in self.space.index_of
+            ]
+            if idx:
+                owners[id(module)] = idx
+
+        handle = nn.modules.module.register_module_forward_pre_hook(pre)
+        try:
+            with torch.no_grad():
+                value = closure()
+        finally:
+            handle.remove()
+        self._set_owners(owners)
+        return value
+
+    @contextmanager
+    def apply(self, generation: int, direction: int, scale: float) -> Iterator[None]:
+        if self.owners is None:
+            raise RuntimeError("call discover(closure) first or construct with a module")
+        space, saved, depth = self.space, {}, {}
+
+        def perturb(indices: Iterable[int]) -> None:
+            for i in indices:
+                depth[i] = depth.get(i, 0) + 1
+                if depth[i] == 1:
+                    p = space.tensors[i]
+                    saved[i] = p.detach().clone()
+                    space.add_direction_(self.noise, i, generation, direction, scale, p.data)
+
+        def restore(indices: Iterable[int]) -> None:
+            for i in indices:
+                depth[i] -= 1
+                if depth[i] == 0:
+                    space.tensors[i].data.copy_(saved.pop(i))
+
+        owners = self.owners
+
+        def pre(module: nn.Module, args: tuple) -> None:
+            idx = owners.get(id(module))
+            if idx is not None:
+                perturb(idx)
+
+        def post(module: nn.Module, args: tuple, output: object) -> None:
+            idx = owners.get(id(module))
+            if idx is not None:
+                restore(idx)
+
+        h1 = nn.modules.module.register_module_forward_pre_hook(pre)
+        h2 = nn.modules.module.register_module_forward_hook(post, always_call=True)
+        try:
+            with torch.no_grad():
+                perturb(self.unowned)
+            yield
+        finally:
+            h1.remove()
+            h2.remove()
+            with torch.no_grad():
+                restore(self.unowned)
+                for i in list(saved):  # a forward that raised mid-way
+                    space.tensors[i].data.copy_(saved.pop(i))
+
+
+class BatchedPerturbation:
+    """Evaluate many perturbed copies of ``module`` in one forward pass (EGGROLL).
+
+    Inside :meth:`apply` the module's input must be member-major: rows ``[m*b, (m+1)*b)`` belong
+    to member ``m``. ``nn.Linear`` and ``nn.Embedding`` add the low-rank term to the shared dense
+    product; norm layers and biases add their small dense perturbations; any other layer with its
+    own trainable parameters is run once per member through ``torch.func.functional_call`` with
+    its perturbed weights (correct, slower). With ``space.rank == 0`` matrices get dense
+    per-member noise (the naive full-rank population, for comparison).
+    """
+
+    def __init__(self, module: nn.Module, space: ParamSpace, noise: SeededNoise) -> None:
+        if space.module is not None and space.module is not module:
+            raise ValueError("the ParamSpace was built from another module")
+        self.module = module
+        self.space = space
+        self.noise = noise
+        self.owners = _direct_owners(space, module)
+        self.fallback: list[nn.Module] = []
+        for m in module.modules():
+            if id(m) not in self.owners:
+                continue
+            supported = isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)) or (
+                hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)
+            )
+            if isinstance(m, nn.Embedding) and (m.max_norm is not None):
+                supported = False
+            if not supported:
+                self.fallback.append(m)
+
+    # per-member noise -----------------------------------------------------------------------
+    def _member_factors(self, i: int, generation: int, members: Sequence[Direction]):
+        """Stacked (A * scale, B) over members: (P, out, r), (P, in, r)."""
+        pairs = [self.space.factors(self.noise, i, generation, d) for d, _ in members]
+        scale = torch.tensor([s for _, s in members], dtype=torch.float32, device=pairs[0][0].device)
+        a = torch.stack([a for a, _ in pairs]) * (scale / math.sqrt(self.space.rank)).view(-1, 1, 1)
+        b = torch.stack([b for _, b in pairs])
+        return a, b
+
+    def _member_dense(self, i: int, generation: int, members: Sequence[Direction]) -> torch.Tensor:
+        """Stacked scale * E over members: (P, *shape)."""
+        return torch.stack([self.space.dense(self.noise, i, generation, d) * s for d, s in members])
+
+    @contextmanager
+    def apply(self, generation: int, members: Sequence[Direction]) -> Iterator[None]:
+        """Open a context in which ``module(x)`` with ``len(members)`` member-major groups of rows
+        evaluates member ``m`` at ``theta + scale_m * E_{direction_m}``."""
+        members = list(members)
+        if not members:
+            raise ValueError("no members to evaluate")
+        space, idx_of, cache = self.space, self.space.index_of, {}
+        selected: list[int | None] = [None]  # set while a fallback layer runs one member at a time
+
+        def pick(stack: torch.Tensor) -> torch.Tensor:
+            m = selected[0]
+            return stack if m is None else stack[m : m + 1]
+
+        def factors(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if ("f", i) not in cache:
+                cache[("f", i)] = self._member_factors(i, generation, members)
+            a, b = cache[("f", i)]
+            return pick(a), pick(b)
+
+        def dense(i: int) -> torch.Tensor:
+            if ("d", i) not in cache:
+                cache[("d", i)] = self._member_dense(i, generation, members)
+            return pick(cache[("d", i)])
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:
+            k = len(members) if selected[0] is None else 1
+            if t.shape[0] % k:
+                raise ValueError(
+                    f"batched population: the batch has {t.shape[0]} rows, not a multiple of {k} members"
+                )
+            return t.reshape(k, -1, *t.shape[1:])
+
+        def linear_hook(mod: nn.Linear, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            o = grouped(out).flatten(1, -2)
+            x = grouped(args[0]).flatten(1, -2)
+            wi = idx_of.get(id(mod.weight))
+            if wi is not None:
+                if space.lowrank[wi]:
+                    a, b = factors(wi)
+                    o = o + torch.bmm(torch.bmm(x, b.to(x.dtype)), a.transpose(1, 2).to(x.dtype))
+                else:
+                    o = o + torch.bmm(x, dense(wi).transpose(1, 2).to(x.dtype))
+            bi = idx_of.get(id(mod.bias)) if mod.bias is not None else None
+            if bi is not None:
+                o = o + dense(bi).unsqueeze(1).to(o.dtype)
+            return o.reshape(out.shape)
+
+        def embedding_hook(mod: nn.Embedding, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            wi = idx_of.get(id(mod.weight))
+            ids = grouped(args[0]).flatten(1)
+            o = grouped(out).flatten(1, -2)
+            if space.lowrank[wi]:
+                a, b = factors(wi)
+                rows = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
+                o = o + torch.bmm(rows.to(o.dtype), b.transpose(1, 2).to(o.dtype))
+            else:
+                d = dense(wi)
+                o = o + torch.gather(d, 1, ids.unsqueeze(-1).expand(-1, -1, d.shape[-1])).to(o.dtype)
+            return o.reshape(out.shape)
+
+        def norm_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            shape = tuple(mod.normalized_shape)
+            wi = idx_of.get(id(mod.weight)) if getattr(mod, "weight", None) is not None else None
+            bi = idx_of.get(id(mod.bias)) if getattr(mod, "bias", None) is not None else None
+            o = grouped(out)
+            lead = [1] * (o.dim() - 1 - len(shape))
+            if wi is not None:
+                if isinstance(mod, nn.LayerNorm):
+                    normed = F.layer_norm(args[0], shape, None, None, mod.eps)
+                else:
+                    normed = F.rms_norm(args[0], shape, None, mod.eps)
+                d = dense(wi)
+                o = o + grouped(normed) * d.view(d.shape[0], *lead, *shape).to(o.dtype)
+            if bi is not None:
+                d = dense(bi)
+                o = o + d.view(d.shape[0], *lead, *shape).to(o.dtype)
+            return o.reshape(out.shape)
+
+        def per_member(mod: nn.Module, forward: Callable) -> Callable:
+            """An unsupported layer runs once per member with its own parameters perturbed."""
+            own = [(name, p) for name, p in mod._parameters.items() if p is not None and id(p) in idx_of]
+
+            def wrapper(x: torch.Tensor, *args, **kwargs):
+                if selected[0] is not None:  # already inside another layer's per-member loop
+                    params = {name: p + dense(idx_of[id(p)])[0].to(p.dtype) for name, p in own}
+                    return call(params, x, args, kwargs)
+                outs = []
+                for m, chunk in enumerate(grouped(x)):
+                    selected[0] = m
+                    try:
+                        params = {name: p + dense(idx_of[id(p)])[0].to(p.dtype) for name, p in own}
+                        outs.append(call(params, chunk, args, kwargs))
+                    finally:
+                        selected[0] = None
+                return torch.cat(outs)
+
+            def call(params: dict, x: torch.Tensor, args: tuple, kwargs: dict):
+                # functional_call goes through mod.forward: point it at the original meanwhile
+                mod.forward = forward
+                try:
+                    return torch.func.functional_call(mod, params, (x, *args), kwargs, strict=False)
+                finally:
+                    mod.forward = wrapper
+
+            return wrapper
+
+        handles, patched = [], []
+        fallback_ids = {id(m) for m in self.fallback}
+        for m in self.module.modules():
+            if id(m) not in self.owners:
+                continue
+            if id(m) in fallback_ids:
+                patched.append((m, m.forward))
+                m.forward = per_member(m, m.forward)
+            elif isinstance(m, nn.Linear):
+                handles.append(m.register_forward_hook(linear_hook))
+            elif isinstance(m, nn.Embedding):
+                handles.append(m.register_forward_hook(embedding_hook))
+            else:
+                handles.append(m.register_forward_hook(norm_hook))
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            for m, fwd in patched:
+                m.forward = fwd
+
+
+def member_directions(members: Iterable[int], sigma: float, antithetic: bool = True) -> list[Direction]:
+    """Member ids -> (direction, scale). Antithetic: 2k -> (k, +sigma), 2k+1 -> (k, -sigma)."""
+    if antithetic:
+        return [(m // 2, sigma if m % 2 == 0 else -sigma) for m in members]
+    return [(m, sigma) for m in members]
+
+
+def evaluate_population(
+    batched: BatchedPerturbation,
+    generation: int,
+    population: int,
+    sigma: float,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    *,
+    antithetic: bool = True,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Losses of ``population`` members on the same ``inputs`` (common random numbers).
+
+    ``loss_fn(rows)`` maps a member-major batch of ``k * b`` rows to per-row losses ``(k*b,)``;
+    a member's loss is the mean over its rows. ``chunk_size`` members are evaluated per forward;
+    the result does not depend on it, because each member's noise depends only on its seed.
+    """
+    if population < 1 or (antithetic and population % 2):
+        raise ValueError(
+            f"population must be a positive{' even' if antithetic else ''} number, got {population}"
+        )
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    chunk = population if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b = inputs.shape[0]
+    out = []
+    for start in range(0, population, chunk):
+        ids = range(start, min(population, start + chunk))
+        dirs = member_directions(ids, sigma, antithetic)
+        rows = inputs.repeat(len(dirs), *([1] * (inputs.dim() - 1)))
+        with batched.apply(generation, dirs):
+            per_row = loss_fn(rows)
+        out.append(per_row.detach().float().view(len(dirs), b).mean(1))
+    return torch.cat(out)
