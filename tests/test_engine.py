@@ -1,0 +1,361 @@
+"""Engine: seeded noise, exact in-place perturbation, batched population, estimates."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from nograd.engine import (
+    BatchedPerturbation,
+    InPlacePerturbation,
+    ParamSpace,
+    accumulate,
+    evaluate_population,
+    member_directions,
+)
+from nograd.noise import BLOCK, SeededNoise, mirrored
+from nograd.shaping import NonFiniteFitnessError, centered_ranks, sanitize, shape, zscore
+
+
+class Scaled(nn.Module):
+    """A layer the batched engine has no fast path for (a raw parameter in its own forward)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+        self.inner = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * self.scale)
+
+
+def tiny_lm(vocab: int = 13, dim: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Embedding(vocab, dim),
+        nn.LayerNorm(dim),
+        nn.Linear(dim, 2 * dim),
+        nn.GELU(),
+        nn.Linear(2 * dim, dim, bias=False),
+        nn.RMSNorm(dim),
+        Scaled(dim),
+        nn.Linear(dim, vocab),
+    )
+
+
+def materialised(
+    model: nn.Module, space: ParamSpace, noise: SeededNoise, gen: int, direction: int, scale: float
+):
+    """Reference: evaluate the model with W + scale * E written into its weights."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            backup = [p.clone() for p in space.tensors]
+            for i, p in enumerate(space.tensors):
+                p.add_(space.dense(noise, i, gen, direction) * scale)
+            try:
+                return model(x)
+            finally:
+                for p, b in zip(space.tensors, backup):
+                    p.copy_(b)
+
+    return run
+
+
+# ---------------------------------------------------------------- noise
+def test_noise_independent_of_chunking_and_order():
+    noise = SeededNoise(seed=5)
+    n = 3 * BLOCK + 123
+    whole = noise.full((n,), generation=2, member=7, index=4)
+    for chunk_blocks in (1, 2, 5):
+        parts = torch.cat(
+            [
+                z.clone()
+                for _, z in noise.full_chunks(n, generation=2, member=7, index=4, chunk_blocks=chunk_blocks)
+            ]
+        )
+        assert torch.equal(parts, whole)
+    single = SeededNoise(seed=5, threads=1).full((n,), generation=2, member=7, index=4)
+    assert torch.equal(single, whole)
+    # visiting other members first changes nothing
+    noise.full((50,), generation=2, member=3, index=4)
+    assert torch.equal(noise.full((n,), generation=2, member=7, index=4), whole)
+    assert not torch.equal(noise.full((n,), generation=2, member=8, index=4), whole)
+
+
+def test_noise_same_across_processes():
+    code = (
+        "import torch; from nograd.noise import SeededNoise;"
+        "z = SeededNoise(11).full((1000,), generation=3, member=1, index=2);"
+        "print(repr(z.double().sum().item()), repr(z[:3].tolist()))"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    z = SeededNoise(11).full((1000,), generation=3, member=1, index=2)
+    assert outs == {f"{z.double().sum().item()!r} {z[:3].tolist()!r}\n"}
+
+
+def test_noise_distributions():
+    g = SeededNoise(0).full((200_000,), generation=0, member=0, index=0)
+    assert abs(g.mean()) < 0.01 and abs(g.std() - 1) < 0.01
+    r = SeededNoise(0, "rademacher").full((200_000,), generation=0, member=0, index=0)
+    assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(r.mean()) < 0.01
+    a, b = SeededNoise(0).lowrank(7, 5, 3, generation=0, member=0, index=0)
+    assert a.shape == (7, 3) and b.shape == (5, 3)
+    with pytest.raises(ValueError, match="distribution"):
+        SeededNoise(0, "uniform")
+
+
+def test_antithetic_pairs_are_exact_negatives():
+    assert [mirrored(m) for m in range(4)] == [(0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0)]
+    model = tiny_lm()
+    space, noise = ParamSpace(model, rank=2), SeededNoise(3)
+    x = torch.randint(0, 13, (2, 4))
+    dirs = member_directions(range(2), 1e-3)
+    assert dirs[0][0] == dirs[1][0] and dirs[0][1] == -dirs[1][1]
+    base = model(x).detach()
+    with BatchedPerturbation(model, space, noise).apply(0, dirs):
+        out = model(x.repeat(2, 1)).view(2, 2, 4, -1)
+    # to first order the two members move the output in opposite directions by the same amount
+    up, down = out[0] - base, out[1] - base
+    assert up.abs().max() > 1e-4
+    assert (up + down).abs().max() < 0.05 * up.abs().max()
+    for i in range(len(space)):
+        e = space.dense(noise, i, 0, dirs[0][0])
+        assert torch.equal(e * dirs[0][1], -(e * dirs[1][1]))
+
+
+# ---------------------------------------------------------------- batched population
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_batched_member_equals_materialised(rank: int):
+    model = tiny_lm()
+    space, noise = ParamSpace(model, rank=rank), SeededNoise(1)
+    batched = BatchedPerturbation(model, space, noise)
+    assert [type(m).__name__ for m in batched.fallback] == ["Scaled"]
+    x = torch.randint(0, 13, (3, 5))
+    dirs = member_directions(range(6), 0.05)
+    with batched.apply(4, dirs):
+        out = model(x.repeat(6, 1)).view(6, 3, 5, -1)
+    for m, (d, s) in enumerate(dirs):
+        ref = materialised(model, space, noise, 4, d, s)(x)
+        assert torch.allclose(out[m], ref, atol=1e-5), (m, (out[m] - ref).abs().max())
+
+
+def test_batched_hooks_removed_and_weights_untouched():
+    model = tiny_lm()
+    before = [p.clone() for p in model.parameters()]
+    x = torch.randint(0, 13, (2, 3))
+    plain = model(x)
+    space = ParamSpace(model, rank=1)
+    with BatchedPerturbation(model, space, SeededNoise(0)).apply(0, member_directions(range(4), 0.1)):
+        model(x.repeat(4, 1))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert torch.equal(model(x), plain)
+
+
+def test_batched_rejects_bad_batch():
+    model = tiny_lm()
+    space = ParamSpace(model, rank=1)
+    with BatchedPerturbation(model, space, SeededNoise(0)).apply(0, member_directions(range(4), 0.1)):
+        with pytest.raises(ValueError, match="multiple of 4 members"):
+            model(torch.randint(0, 13, (6, 3)))
+
+
+def test_population_chunking_is_identical():
+    model = tiny_lm()
+    space, noise = ParamSpace(model, rank=2), SeededNoise(9)
+    batched = BatchedPerturbation(model, space, noise)
+    x = torch.randint(0, 13, (4, 6))
+    y = torch.randint(0, 13, (4, 6))
+
+    def loss(rows: torch.Tensor) -> torch.Tensor:
+        k = rows.shape[0] // x.shape[0]
+        logits = model(rows)
+        return nn.functional.cross_entropy(logits.transpose(1, 2), y.repeat(k, 1), reduction="none").mean(1)
+
+    full = evaluate_population(batched, 1, 8, 0.1, loss, x)
+    for chunk in (1, 2, 6):
+        assert torch.allclose(
+            evaluate_population(batched, 1, 8, 0.1, loss, x, chunk_size=chunk), full, atol=1e-6
+        )
+    with pytest.raises(ValueError, match="even"):
+        evaluate_population(batched, 1, 7, 0.1, loss, x)
+    with pytest.raises(ValueError, match="sigma"):
+        evaluate_population(batched, 1, 8, 0.0, loss, x)
+
+
+# ---------------------------------------------------------------- in-place perturbation
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_inplace_restore_bit_exact_after_1000_cycles(dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4)).to(dtype)
+    original = [p.clone() for p in model.parameters()]
+    for rank in (0, 2):
+        space, noise = ParamSpace(model, rank=rank), SeededNoise(2)
+        perturb = InPlacePerturbation(space, noise, module=model)
+        x = torch.randn(3, 16, dtype=dtype)
+        plain = model(x)
+        seen_change = False
+        for cycle in range(1000 if rank == 0 else 200):
+            with perturb.apply(cycle, cycle % 7, 1e-3 if cycle % 2 else -1e-3):
+                out = model(x)
+            seen_change |= not torch.equal(out, plain)
+        assert seen_change  # the perturbation really was applied
+        assert all(torch.equal(a, b) for a, b in zip(original, model.parameters()))
+
+
+def test_inplace_matches_materialised_and_ties():
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 6)
+    head = nn.Linear(6, 10, bias=False)
+    head.weight = emb.weight  # tied
+    model = nn.Sequential(emb, nn.Tanh(), head)
+    space, noise = ParamSpace(model, rank=0), SeededNoise(4)
+    assert len(space) == 1
+    x = torch.randint(0, 10, (2, 3))
+    with InPlacePerturbation(space, noise, module=model).apply(3, 1, 0.2):
+        out = model(x)
+    ref = materialised(model, space, noise, 3, 1, 0.2)(x)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_inplace_discovery_and_raw_tensors():
+    # raw tensors used outside any module forward are perturbed for the whole closure
+    w = torch.zeros(5, requires_grad=True)
+    space, noise = ParamSpace([w]), SeededNoise(0)
+    perturb = InPlacePerturbation(space, noise)
+    assert perturb.needs_discovery
+    perturb.discover(lambda: (w**2).sum())
+    assert perturb.unowned == [0]
+    with perturb.apply(0, 0, 1.0):
+        seen = w.detach().clone()
+    assert torch.equal(seen, noise.full((5,), generation=0, member=0, index=0))
+    assert torch.equal(w, torch.zeros(5))
+
+
+def test_inplace_restores_after_exception():
+    model = nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    perturb = InPlacePerturbation(ParamSpace(model), SeededNoise(0), module=model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with perturb.apply(0, 0, 0.5):
+            model(torch.randn(1, 4))
+            raise RuntimeError("boom")
+    assert torch.equal(model.weight, before)
+
+
+# ---------------------------------------------------------------- estimates
+def test_accumulate_grad_equals_update_and_manual_sum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5))
+    for rank in (0, 2):
+        space, noise = ParamSpace(model, rank=rank), SeededNoise(1)
+        coeffs = [(0, 0.5), (1, -1.25), (2, 2.0)]
+        accumulate(space, noise, 3, coeffs)
+        for i, p in enumerate(space.tensors):
+            manual = sum(c * space.dense(noise, i, 3, d) for d, c in coeffs)
+            assert torch.allclose(p.grad, manual, atol=1e-5)
+        before = [p.detach().clone() for p in space.tensors]
+        grads = [p.grad.clone() for p in space.tensors]
+        accumulate(space, noise, 3, coeffs, lr=0.1, into="update")
+        for b, g, p in zip(before, grads, space.tensors):
+            assert torch.allclose(p, b - 0.1 * g, atol=1e-5)
+
+
+def _quadratic(dim: int = 6):
+    a = torch.linspace(0.5, 3.0, dim)
+    center = torch.linspace(-1, 1, dim)
+    theta = torch.zeros(dim, requires_grad=True)
+
+    def f() -> torch.Tensor:
+        with torch.no_grad():
+            return 0.5 * (a * (theta - center) ** 2).sum()
+
+    true_grad = a * (theta.detach() - center)  # the Gaussian-smoothed gradient of a quadratic is exact
+    return theta, f, true_grad
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_spsa_estimate_unbiased_on_quadratic(distribution: str):
+    """Two-sided SPSA: g = (f(t + s z) - f(t - s z)) / (2 s) * z, E[g] = grad f for E[z z^T] = I."""
+    theta, f, true_grad = _quadratic()
+    space, noise = ParamSpace([theta]), SeededNoise(123, distribution)
+    perturb = InPlacePerturbation(space, noise)
+    perturb.discover(f)
+    sigma, n = 0.1, 3000
+    samples = []
+    for k in range(n):
+        with perturb.apply(k, 0, sigma):
+            plus = float(f())
+        with perturb.apply(k, 0, -sigma):
+            minus = float(f())
+        accumulate(space, noise, k, [(0, (plus - minus) / (2 * sigma))])
+        samples.append(theta.grad.clone())
+    est = torch.stack(samples)
+    mean, std = est.mean(0), est.std(0)
+    tol = 4 * std / math.sqrt(n)
+    assert ((mean - true_grad).abs() <= tol).all(), (mean, true_grad, tol)
+    # a sign or factor-2 error lies far outside the tolerance
+    assert ((-mean - true_grad).abs() > tol).any() and ((2 * mean - true_grad).abs() > tol).any()
+
+
+def test_es_population_estimate_unbiased_on_quadratic():
+    """OpenAI-ES with raw fitness: g = 1/(P sigma) sum_m F_m s_m eps_m over mirrored members."""
+    theta, f, true_grad = _quadratic()
+    space, noise = ParamSpace([theta]), SeededNoise(7)
+    perturb = InPlacePerturbation(space, noise)
+    perturb.discover(f)
+    sigma, pop, gens = 0.2, 20, 400
+    samples = []
+    for g in range(gens):
+        coeffs: dict[int, float] = {}
+        for d, scale in member_directions(range(pop), sigma):
+            with perturb.apply(g, d, scale):
+                loss = float(f())
+            coeffs[d] = coeffs.get(d, 0.0) + loss * scale / (pop * sigma**2)
+        accumulate(space, noise, g, list(coeffs.items()))
+        samples.append(theta.grad.clone())
+    est = torch.stack(samples)
+    tol = 4 * est.std(0) / math.sqrt(gens)
+    assert ((est.mean(0) - true_grad).abs() <= tol).all()
+    assert ((est.mean(0) + true_grad).abs() > tol).any()
+
+
+# ---------------------------------------------------------------- shaping
+def test_shaping_definitions():
+    x = torch.tensor([3.0, 1.0, 2.0, 10.0])
+    assert torch.allclose(centered_ranks(x), torch.tensor([1 / 6, -0.5, -1 / 6, 0.5], dtype=torch.float64))
+    assert torch.allclose(
+        centered_ranks(torch.tensor([1.0, 1.0, 2.0])), torch.tensor([-0.25, -0.25, 0.5], dtype=torch.float64)
+    )
+    z = zscore(x)
+    assert torch.allclose(z, (x.double() - x.double().mean()) / x.double().std(unbiased=False))
+    assert torch.equal(shape(x, "raw")[0], x.double())
+    with pytest.raises(ValueError, match="shaping"):
+        shape(x, "softmax")
+
+
+def test_nonfinite_fitness_ranked_worst_and_counted():
+    clean, bad = sanitize(torch.tensor([1.0, float("nan"), 0.5, float("inf")]))
+    assert bad == 2 and torch.isfinite(clean).all() and clean[1] > 1.0 and clean[3] > 1.0
+    u, bad = shape(torch.tensor([1.0, float("nan"), 0.5, -float("inf")]))
+    assert bad == 2 and u[1] >= u[0] and u[3] >= u[0]
+    with pytest.raises(NonFiniteFitnessError, match="unchanged"):
+        shape(torch.tensor([float("nan"), float("inf")]))
+
+
+def test_param_space_validation():
+    with pytest.raises(ValueError, match="requires_grad"):
+        ParamSpace([torch.zeros(3)])
+    with pytest.raises(ValueError, match="rank"):
+        ParamSpace(nn.Linear(2, 2), rank=-1)
+    frozen = nn.Linear(3, 3)
+    frozen.weight.requires_grad_(False)
+    assert ParamSpace(frozen).names == ["bias"]
