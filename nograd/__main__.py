@@ -1,0 +1,7 @@
+"""``python -m nograd``: the same as the ``nograd`` command."""
+
+import sys
+
+from nograd.cli import main
+
+sys.exit(main())
