@@ -1,0 +1,107 @@
+"""The command line: user errors are one line on stderr with exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+from _foundation import run_cli, small_text, tiny_config
+
+from nograd.cli import main, parse_opt
+from nograd.errors import UsageError
+from nograd.train import train
+
+
+def _assert_usage_error(r, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("nograd: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def corrupted_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "checkpoint.pt"
+    path.write_bytes(b"PK\x03\x04 this is not a real checkpoint")
+    return path
+
+
+def test_missing_data_file(tmp_path):
+    r = run_cli("train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"))
+    _assert_usage_error(r, "missing.txt", "--data", "NOGRAD_DATA")
+
+
+def test_missing_data_file_from_env(tmp_path):
+    r = run_cli("train", "--out", str(tmp_path / "o"), env={"NOGRAD_DATA": str(tmp_path / "gone.txt")})
+    _assert_usage_error(r, "NOGRAD_DATA")
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--steps", "-5"], "--steps"),
+        (["--optimizer", "sgd-magic"], "unknown optimizer 'sgd-magic'"),
+        (["--task", "imagenet"], "unknown task 'imagenet'"),
+        (["--opt", "novalue"], "KEY=VALUE"),
+        (["--steps", "ten"], "invalid int value"),
+    ],
+)
+def test_bad_train_flags(tmp_path, args, needle):
+    r = run_cli("train", "--data", str(small_text(tmp_path)), "--out", str(tmp_path / "o"), *args)
+    _assert_usage_error(r, needle)
+
+
+def test_corrupted_checkpoint_sample(corrupted_checkpoint):
+    _assert_usage_error(run_cli("sample", "--checkpoint", str(corrupted_checkpoint)), "corrupted")
+
+
+def test_corrupted_checkpoint_resume(tmp_path, corrupted_checkpoint):
+    r = run_cli("train", "--resume", str(corrupted_checkpoint), "--out", str(tmp_path / "o"))
+    _assert_usage_error(r, "corrupted")
+
+
+# The rest run in-process (fast): main() returns the status and prints to the captured streams.
+
+
+def test_more_user_errors_in_process(tmp_path, capsys):
+    data = str(small_text(tmp_path))
+    cases = [
+        ["train", "--data", data, "--n-embd", "30", "--n-head", "4"],
+        ["train", "--data", data, "--opt", "bogus=1", "--steps", "1", "--out", str(tmp_path / "o")],
+        ["train", "--data", data, "--no-such-flag"],
+        ["sample", "--checkpoint", str(tmp_path / "none.pt")],
+        ["frobnicate"],
+        [],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        if argv:
+            assert err.count("\n") == 1 and err.startswith("nograd: error: "), (argv, err)
+
+
+def test_parse_opt():
+    assert parse_opt("beta2=0.95") == ("beta2", "0.95")
+    assert parse_opt("a=b=c") == ("a", "b=c")
+    for bad in ("x", "=1", ""):
+        with pytest.raises(UsageError):
+            parse_opt(bad)
+
+
+def test_optimizers_lists_methods(capsys):
+    assert main(["optimizers"]) == 0
+    out = capsys.readouterr().out
+    assert "adamw" in out and "muon" in out and "forward-only" in out
+
+
+def test_sample_from_checkpoint(tmp_path, capsys):
+    train(tiny_config(tmp_path, steps=2))
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", ckpt, "--prompt", "ROMEO:", "--chars", "30", "--top-k", "5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 30 + 1
+    assert main(["sample", "--checkpoint", ckpt, "--prompt", "\u00e9"]) == 2  # not in the vocabulary
+    assert "vocabulary" in capsys.readouterr().err
