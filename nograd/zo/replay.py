@@ -184,7 +184,8 @@ def replay(
         opt._zo_step = int(records[0]["step"])
         if records[0]["step"] != 0 and _stateful(opt):
             raise ValueError(
-                f"the log starts at step {records[0]['step']}; {cls.__name__} keeps state, so replay needs step 0"
+                f"the log starts at step {records[0]['step']}; {cls.__name__} keeps state, "
+                "so replay needs the log from step 0"
             )
     with torch.no_grad():
         for record in records:
