@@ -113,6 +113,33 @@ class ParamSpace:
             return (a @ b.T).div_(math.sqrt(self.rank)).view(p.shape)
         return noise.full(p.shape, generation=generation, member=direction, index=i, device=p.device)
 
+    def member_factors(
+        self, noise: SeededNoise, i: int, generation: int, directions: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked low-rank factors of several directions: (k, out, r) and (k, in, r)."""
+        out_f, in_f = self.matrix_shape(i)
+        return noise.lowrank_members(
+            out_f,
+            in_f,
+            self.rank,
+            generation=generation,
+            members=list(directions),
+            index=i,
+            device=self.tensors[i].device,
+        )
+
+    def member_dense(
+        self, noise: SeededNoise, i: int, generation: int, directions: Sequence[int]
+    ) -> torch.Tensor:
+        """Stacked dense directions of several members: (k, *shape) float32."""
+        p = self.tensors[i]
+        if self.lowrank[i]:
+            a, b = self.member_factors(noise, i, generation, directions)
+            return torch.bmm(a, b.transpose(1, 2)).div_(math.sqrt(self.rank)).view(len(a), *p.shape)
+        return noise.members(
+            p.shape, generation=generation, members=list(directions), index=i, device=p.device
+        )
+
     def add_direction_(
         self, noise: SeededNoise, i: int, generation: int, direction: int, alpha: float, target: torch.Tensor
     ) -> None:
@@ -155,10 +182,10 @@ def accumulate(
         for i, p in enumerate(space.tensors):
             if space.lowrank[i] and len(coefficients) > 1:
                 # sum_k c_k A_k B_k^T as one matrix product over the stacked factors
-                pairs = [space.factors(noise, i, generation, d) for d, _ in coefficients]
-                a = torch.cat([pa * c for (pa, _), (_, c) in zip(pairs, coefficients)], dim=1)
-                b = torch.cat([pb for _, pb in pairs], dim=1)
-                g = (a @ b.T).div_(math.sqrt(space.rank)).view(p.shape)
+                a, b = space.member_factors(noise, i, generation, [d for d, _ in coefficients])
+                c = torch.tensor([c for _, c in coefficients], dtype=a.dtype, device=a.device)
+                a = (a * c.view(-1, 1, 1)).transpose(0, 1).flatten(1)  # (out, k*r)
+                g = (a @ b.transpose(0, 1).flatten(1).T).div_(math.sqrt(space.rank)).view(p.shape)
                 if into == "grad":
                     p.grad = g.to(p.dtype)
                 else:
@@ -324,16 +351,16 @@ class BatchedPerturbation:
 
     # per-member noise -----------------------------------------------------------------------
     def _member_factors(self, i: int, generation: int, members: Sequence[Direction]):
-        """Stacked (A * scale, B) over members: (P, out, r), (P, in, r)."""
-        pairs = [self.space.factors(self.noise, i, generation, d) for d, _ in members]
-        scale = torch.tensor([s for _, s in members], dtype=torch.float32, device=pairs[0][0].device)
-        a = torch.stack([a for a, _ in pairs]) * (scale / math.sqrt(self.space.rank)).view(-1, 1, 1)
-        b = torch.stack([b for _, b in pairs])
-        return a, b
+        """Stacked (A * scale / sqrt(r), B) over members: (P, out, r), (P, in, r)."""
+        a, b = self.space.member_factors(self.noise, i, generation, [d for d, _ in members])
+        scale = torch.tensor([s for _, s in members], dtype=a.dtype, device=a.device)
+        return a * (scale / math.sqrt(self.space.rank)).view(-1, 1, 1), b
 
     def _member_dense(self, i: int, generation: int, members: Sequence[Direction]) -> torch.Tensor:
         """Stacked scale * E over members: (P, *shape)."""
-        return torch.stack([self.space.dense(self.noise, i, generation, d) * s for d, s in members])
+        e = self.space.member_dense(self.noise, i, generation, [d for d, _ in members])
+        scale = torch.tensor([s for _, s in members], dtype=e.dtype, device=e.device)
+        return e.mul_(scale.view(-1, *([1] * (e.dim() - 1))))
 
     @contextmanager
     def apply(self, generation: int, members: Sequence[Direction]) -> Iterator[None]:
@@ -369,50 +396,67 @@ class BatchedPerturbation:
             return t.reshape(k, -1, *t.shape[1:])
 
         def linear_hook(mod: nn.Linear, args: tuple, out: torch.Tensor) -> torch.Tensor:
-            o = grouped(out).flatten(1, -2)
+            out = out if out.is_contiguous() else out.contiguous()
+            o = grouped(out).flatten(1, -2)  # a view: the in-place adds below update ``out``
             x = grouped(args[0]).flatten(1, -2)
             wi = idx_of.get(id(mod.weight))
-            if wi is not None:
-                if space.lowrank[wi]:
-                    a, b = factors(wi)
-                    o = o + torch.bmm(torch.bmm(x, b.to(x.dtype)), a.transpose(1, 2).to(x.dtype))
-                else:
-                    o = o + torch.bmm(x, dense(wi).transpose(1, 2).to(x.dtype))
             bi = idx_of.get(id(mod.bias)) if mod.bias is not None else None
-            if bi is not None:
-                o = o + dense(bi).unsqueeze(1).to(o.dtype)
-            return o.reshape(out.shape)
+            db = dense(bi).unsqueeze(1).to(o.dtype) if bi is not None else None
+            if wi is not None and space.lowrank[wi]:
+                a, b = factors(wi)
+                xb, at = torch.bmm(x, b.to(x.dtype)), a.transpose(1, 2).to(x.dtype)
+                if db is not None:  # the bias rides along as one more rank: [xB, 1] [A^T; db]
+                    xb = torch.cat([xb, xb.new_ones(*xb.shape[:2], 1)], dim=2)
+                    at, db = torch.cat([at, db], dim=1), None
+                o.baddbmm_(xb, at)
+            elif wi is not None:
+                o.baddbmm_(x, dense(wi).transpose(1, 2).to(x.dtype))
+            if db is not None:
+                o.add_(db)
+            return out
 
         def embedding_hook(mod: nn.Embedding, args: tuple, out: torch.Tensor) -> torch.Tensor:
             wi = idx_of.get(id(mod.weight))
             ids = grouped(args[0]).flatten(1)
+            out = out if out.is_contiguous() else out.contiguous()
             o = grouped(out).flatten(1, -2)
             if space.lowrank[wi]:
                 a, b = factors(wi)
                 rows = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
-                o = o + torch.bmm(rows.to(o.dtype), b.transpose(1, 2).to(o.dtype))
+                o.baddbmm_(rows.to(o.dtype), b.transpose(1, 2).to(o.dtype))
             else:
                 d = dense(wi)
-                o = o + torch.gather(d, 1, ids.unsqueeze(-1).expand(-1, -1, d.shape[-1])).to(o.dtype)
-            return o.reshape(out.shape)
+                o.add_(torch.gather(d, 1, ids.unsqueeze(-1).expand(-1, -1, d.shape[-1])).to(o.dtype))
+            return out
 
-        def norm_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        def norm_forward(mod: nn.Module) -> Callable:
+            """Normalise once, then apply each member's perturbed affine in one fused pass."""
             shape = tuple(mod.normalized_shape)
-            wi = idx_of.get(id(mod.weight)) if getattr(mod, "weight", None) is not None else None
-            bi = idx_of.get(id(mod.bias)) if getattr(mod, "bias", None) is not None else None
-            o = grouped(out)
-            lead = [1] * (o.dim() - 1 - len(shape))
-            if wi is not None:
-                if isinstance(mod, nn.LayerNorm):
-                    normed = F.layer_norm(args[0], shape, None, None, mod.eps)
+            layer_norm = isinstance(mod, nn.LayerNorm)
+            weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
+            wi = idx_of.get(id(weight)) if weight is not None else None
+            bi = idx_of.get(id(bias)) if bias is not None else None
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                if layer_norm:
+                    g = grouped(F.layer_norm(x, shape, None, None, mod.eps))
                 else:
-                    normed = F.rms_norm(args[0], shape, None, mod.eps)
-                d = dense(wi)
-                o = o + grouped(normed) * d.view(d.shape[0], *lead, *shape).to(o.dtype)
-            if bi is not None:
-                d = dense(bi)
-                o = o + d.view(d.shape[0], *lead, *shape).to(o.dtype)
-            return o.reshape(out.shape)
+                    g = grouped(F.rms_norm(x, shape, None, mod.eps))
+                member_shape = (g.shape[0], *([1] * (g.dim() - 1 - len(shape))), *shape)
+
+                def affine(base: torch.Tensor | None, i: int | None) -> torch.Tensor | None:
+                    if base is None or i is None:
+                        return None if base is None else base.to(g.dtype)
+                    return base.to(g.dtype) + dense(i).to(g.dtype).view(member_shape)
+
+                w, b = affine(weight, wi), affine(bias, bi)
+                if w is None:
+                    out = g if b is None else g + b
+                else:
+                    out = g * w if b is None else torch.addcmul(b, g, w)
+                return out.reshape(x.shape)
+
+            return forward
 
         def per_member(mod: nn.Module, forward: Callable) -> Callable:
             """An unsupported layer runs once per member with its own parameters perturbed."""
@@ -455,7 +499,8 @@ class BatchedPerturbation:
             elif isinstance(m, nn.Embedding):
                 handles.append(m.register_forward_hook(embedding_hook))
             else:
-                handles.append(m.register_forward_hook(norm_hook))
+                patched.append((m, m.forward))
+                m.forward = norm_forward(m)
         try:
             with torch.no_grad():
                 yield

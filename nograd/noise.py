@@ -9,6 +9,10 @@ Every random number a forward-only optimizer draws is a pure function of
 * ``index``       which tensor (parameter) of the search space,
 * ``block``       which fixed-size block of that tensor (``BLOCK`` elements).
 
+Small tensors (low-rank factors, biases, norm gains: at most ``SMALL`` elements) are drawn for
+``GROUP`` consecutive members at once, member ``m`` being row ``m % GROUP`` of the draw keyed by
+group ``m // GROUP``: a population then costs a few generator calls instead of one per member.
+
 A 64-bit key is derived from these with a splitmix64 hash and seeds a fresh
 ``torch.Generator``. Because a block's numbers depend on nothing else, the
 same noise comes out whatever the chunk size, the order in which members are
@@ -35,6 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 BLOCK = 1 << 18  # elements per independently keyed block of a tensor's noise
+GROUP = 32  # members whose noise for a small tensor comes from one draw
+SMALL = BLOCK // GROUP  # tensors up to this many elements are drawn GROUP members at a time
+_GROUP_TAG = (1 << 64) - 1  # stands where a block number would, so group keys never equal block keys
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
 _MASK64 = (1 << 64) - 1
@@ -130,9 +137,43 @@ class SeededNoise:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """The dense noise tensor of one member for one parameter."""
-        out = torch.empty(torch.Size(shape).numel(), device=device, dtype=torch.float32)
+        n = torch.Size(shape).numel()
+        if n <= SMALL:
+            return self.members(shape, generation=generation, members=[member], index=index, device=device)[
+                0
+            ].to(dtype)
+        out = torch.empty(n, device=device, dtype=torch.float32)
         self.fill_(out, generation=generation, member=member, index=index)
         return out.view(shape).to(dtype)
+
+    def members(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        *,
+        generation: int,
+        members: list[int] | range,
+        index: int,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Noise of several members for one parameter, stacked: ``(len(members), *shape)`` float32."""
+        shape = torch.Size(shape)
+        n = shape.numel()
+        if n > SMALL:
+            return torch.stack(
+                [
+                    self.full(shape, generation=generation, member=m, index=index, device=device)
+                    for m in members
+                ]
+            )
+        ids = torch.as_tensor(list(members), dtype=torch.long)
+        groups = ids // GROUP
+        out = torch.empty(len(ids), n, device=device, dtype=torch.float32)
+        draw = torch.empty(GROUP, n, device=device, dtype=torch.float32)
+        for g in groups.unique().tolist():
+            self._draw(draw.view(-1), derive_key(self.seed, generation, g, index, _GROUP_TAG))
+            sel = (groups == g).nonzero().flatten()
+            out.index_copy_(0, sel.to(device), draw.index_select(0, (ids[sel] % GROUP).to(device)))
+        return out.view(len(ids), *shape)
 
     def full_chunks(
         self,
@@ -148,6 +189,9 @@ class SeededNoise:
 
         The concatenation equals ``full(...).flatten()``; only one chunk is alive at a time.
         """
+        if numel <= SMALL:
+            yield 0, self.full((numel,), generation=generation, member=member, index=index, device=device)
+            return
         step = BLOCK * max(1, chunk_blocks)
         buf = torch.empty(min(step, numel), device=device, dtype=torch.float32)
         for start in range(0, numel, step):
@@ -168,13 +212,36 @@ class SeededNoise:
         dtype: torch.dtype = torch.float32,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors ``A`` (out x r) and ``B`` (in x r) of the EGGROLL perturbation ``E = A B^T / sqrt(r)``."""
-        flat = self.full(
-            ((out_features + in_features) * rank,),
+        a, b = self.lowrank_members(
+            out_features,
+            in_features,
+            rank,
             generation=generation,
-            member=member,
+            members=[member],
             index=index,
             device=device,
-            dtype=dtype,
         )
-        a, b = flat.split([out_features * rank, in_features * rank])
-        return a.view(out_features, rank), b.view(in_features, rank)
+        return a[0].to(dtype), b[0].to(dtype)
+
+    def lowrank_members(
+        self,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        *,
+        generation: int,
+        members: list[int] | range,
+        index: int,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked factors of several members: ``(k, out, r)`` and ``(k, in, r)``, float32."""
+        flat = self.members(
+            ((out_features + in_features) * rank,),
+            generation=generation,
+            members=members,
+            index=index,
+            device=device,
+        )
+        a, b = flat.split([out_features * rank, in_features * rank], dim=1)
+        k = flat.shape[0]
+        return a.reshape(k, out_features, rank), b.reshape(k, in_features, rank)

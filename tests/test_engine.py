@@ -88,6 +88,18 @@ def test_noise_independent_of_chunking_and_order():
     assert not torch.equal(noise.full((n,), generation=2, member=8, index=4), whole)
 
 
+def test_small_tensor_noise_same_alone_or_stacked():
+    noise = SeededNoise(3)
+    ids = [70, 1, 33, 2, 64]  # spans three groups, out of order
+    stacked = noise.members((5, 4), generation=9, members=ids, index=1)
+    for row, m in zip(stacked, ids):
+        assert torch.equal(row, noise.full((5, 4), generation=9, member=m, index=1))
+    a, b = noise.lowrank_members(6, 4, 2, generation=9, members=ids, index=2)
+    a1, b1 = noise.lowrank(6, 4, 2, generation=9, member=33, index=2)
+    assert torch.equal(a[2], a1) and torch.equal(b[2], b1)
+    assert not torch.equal(stacked[0], stacked[1])
+
+
 def test_noise_same_across_processes():
     code = (
         "import torch; from nograd.noise import SeededNoise;"

@@ -22,3 +22,7 @@ def get(name: str) -> Callable[[list[str]], dict]:
     if name not in BENCHES:
         raise KeyError(name)
     return import_module(BENCHES[name][0]).run
+
+
+register("throughput", "nograd.bench.throughput", "batched low-rank population vs plain inference throughput")
+register("memory", "nograd.bench.memory", "peak memory and time of one in-place ZO step vs inference")

@@ -1,0 +1,138 @@
+"""``nograd bench throughput``: a perturbed population's throughput against plain inference.
+
+For each model, the same member-major batch of ``population * batch`` rows goes through
+
+* plain batched inference of the unperturbed model (the yardstick),
+* the batched low-rank population (EGGROLL: rank ``r`` factors per member, shared dense matmul),
+* the naive full-rank population (dense per-member noise, as OpenAI-ES without the trick),
+
+timed interleaved in one process. ``ratio`` = population member-tokens/s / inference tokens/s;
+``update_ratio`` also counts rebuilding the ES estimate from the seeds (one full generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from ..engine import BatchedPerturbation, ParamSpace, accumulate, member_directions
+from ..models.gpt import GPT, GPTConfig
+from ..noise import SeededNoise
+from .timing import interleaved_medians
+
+
+def _mlp(width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(64, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 10)
+    )
+
+
+def measure(
+    model: nn.Module, inputs: torch.Tensor, population: int, rank: int, sigma: float, repeats: int
+) -> dict:
+    rows = inputs.repeat(population, *([1] * (inputs.dim() - 1)))
+    tokens = rows.numel() if rows.dtype == torch.long else rows.shape[0]
+    noise = SeededNoise(0)
+    low = ParamSpace(model, rank=rank)
+    full = ParamSpace(model, rank=0)
+    batched_low, batched_full = (
+        BatchedPerturbation(model, low, noise),
+        BatchedPerturbation(model, full, noise),
+    )
+    dirs = member_directions(range(population), sigma)
+    gen = [0]
+
+    def inference() -> None:
+        with torch.no_grad():
+            model(rows)
+
+    def population_low() -> None:
+        gen[0] += 1  # fresh noise each call, as in training
+        with batched_low.apply(gen[0], dirs):
+            model(rows)
+
+    def population_low_update() -> None:
+        gen[0] += 1
+        with batched_low.apply(gen[0], dirs):
+            model(rows)
+        accumulate(low, noise, gen[0], [(d, 1.0) for d in range(population // 2)])
+
+    def population_full() -> None:
+        gen[0] += 1
+        with batched_full.apply(gen[0], dirs):
+            model(rows)
+
+    t = interleaved_medians(
+        {
+            "inference": inference,
+            "low": population_low,
+            "low_update": population_low_update,
+            "full": population_full,
+        },
+        repeats=repeats,
+    )
+    return {
+        "params": low.numel,
+        "population": population,
+        "rank": rank,
+        "tokens_per_forward": tokens,
+        "inference_tokens_per_s": tokens / t["inference"],
+        "population_tokens_per_s": tokens / t["low"],
+        "ratio": t["inference"] / t["low"],
+        "update_ratio": t["inference"] / t["low_update"],
+        "naive_tokens_per_s": tokens / t["full"],
+        "naive_ratio": t["inference"] / t["full"],
+    }
+
+
+def run(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="nograd bench throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--population", type=int, default=64)
+    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--sigma", type=float, default=0.01)
+    p.add_argument("--batch", type=int, default=4, help="rows per member (GPT: sequences of --block tokens)")
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--models", default="gpt,mlp", help="comma list of: gpt, mlp")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="(output is always JSON)")
+    args = p.parse_args(argv)
+    if args.population < 2 or args.population % 2:
+        raise ValueError(f"--population must be an even number >= 2, got {args.population}")
+    torch.manual_seed(0)
+    results: dict[str, dict] = {}
+    for name in args.models.split(","):
+        if name == "gpt":
+            cfg = GPTConfig(vocab_size=65, block_size=args.block, n_layer=4, n_head=4, n_embd=128)
+            model = GPT(cfg).to(args.device).eval()
+            inputs = torch.randint(0, 65, (args.batch, args.block), device=args.device)
+        elif name == "mlp":
+            model = _mlp(256).to(args.device).eval()
+            inputs = torch.randn(args.batch * 16, 64, device=args.device)
+        else:
+            raise ValueError(f"unknown model {name!r} (choose gpt, mlp)")
+        results[name] = measure(model, inputs, args.population, args.rank, args.sigma, args.repeats)
+    out = {
+        "benchmark": "throughput",
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "models": results,
+    }
+    # headline: the char GPT when measured
+    head = results.get("gpt") or next(iter(results.values()))
+    out.update(
+        {
+            k: head[k]
+            for k in (
+                "ratio",
+                "naive_ratio",
+                "population_tokens_per_s",
+                "inference_tokens_per_s",
+                "population",
+                "rank",
+            )
+        }
+    )
+    return out
