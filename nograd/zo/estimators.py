@@ -152,7 +152,8 @@ class SPSAEstimator:
             if need_center and not math.isfinite(l0):  # type: ignore[arg-type]
                 self.last_info = {"nonfinite": float(self.directions)}
                 raise ZONonFiniteError(
-                    f"the unperturbed loss is {l0}; the weights were left unchanged", self.directions
+                    f"the unperturbed loss is NaN/inf ({l0}); the weights were left unchanged",
+                    self.directions,
                 )
             dirs: list[int] = []
             diffs: list[float] = []
