@@ -26,6 +26,7 @@ log; records whose step goes backwards supersede the earlier ones from that step
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -153,7 +154,8 @@ def replay(
         cls = classes[optimizer]
     else:
         cls = optimizer
-    kwargs = dict(header.get("kwargs", {})) if header else {}
+    accepted = _init_args(cls)
+    kwargs = {k: v for k, v in (header.get("kwargs", {}) if header else {}).items() if k in accepted}
     kwargs.update(optimizer_kwargs or {})
     tensors, module = _tensors_for(model_or_params, header)
     frozen = [i for i, t in enumerate(tensors) if not t.requires_grad]
@@ -193,10 +195,12 @@ def replay(
     return opt
 
 
-def _group_keys(cls: type[ZOOptimizer]) -> set[str]:
-    import inspect
+def _init_args(cls: type[ZOOptimizer]) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
 
-    return set(inspect.signature(cls.__init__).parameters) | {"lr", "eps", "weight_decay"}
+
+def _group_keys(cls: type[ZOOptimizer]) -> set[str]:
+    return _init_args(cls) | {"lr", "eps", "weight_decay"}
 
 
 def _stateful(opt: ZOOptimizer) -> bool:
