@@ -90,7 +90,7 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {}
 """All registered methods by name. Call :func:`load_methods` first to fill it."""
 
-METHOD_MODULES: list[str] = ["nograd.baselines", "nograd.methods_zo"]
+METHOD_MODULES: list[str] = ["nograd.baselines", "nograd.methods_es", "nograd.methods_zo"]
 """Modules that register methods when imported; add yours here."""
 
 

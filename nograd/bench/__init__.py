@@ -26,3 +26,9 @@ def get(name: str) -> Callable[[list[str]], dict]:
 
 register("throughput", "nograd.bench.throughput", "batched low-rank population vs plain inference throughput")
 register("memory", "nograd.bench.memory", "peak memory and time of one in-place ZO step vs inference")
+register(
+    "es", "nograd.bench.es", "seconds per ES generation (each strategy) / batched inference of P MLP copies"
+)
+register(
+    "nres", "nograd.bench.nres_tbptt", "NRES vs truncated backprop on influence balancing (episode loss)"
+)

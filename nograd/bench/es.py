@@ -1,0 +1,179 @@
+"""Seconds per ES generation relative to plain batched inference (``nograd bench es --json``).
+
+Model: an MLP ``64 -> h -> h -> 64`` (ReLU) with ``h`` chosen so it has about ``--dim``
+parameters (h = 256: 98,880 for the default 1e5). Every strategy runs whole generations
+(sample, evaluate ``--population`` members on the same ``--batch`` rows, update) and is timed
+against the reference: inference of ``population`` different copies of the MLP on those rows in
+one pass, ``baddbmm`` over stacked weights ``(P, in, out)``. Strategy and reference calls are
+interleaved and repeated, and the ratio is ``median(strategy) / median(reference)``.
+
+* ``eggroll`` (rank 1) and ``openai-es`` (dense noise) use the batched engine and step an Adam.
+* the flat ask/tell strategies go through the module adapter (``vmap`` over chunks of members,
+  the candidates rebuilt from seeds with ``strategy.member(i)``); ``ga`` is the Deep GA.
+* full ``cma`` is skipped: it stores a dim x dim covariance (8e10 bytes at dim 1e5).
+
+Example:
+    >>> out = run(["--dim", "2000", "--population", "8", "--repeats", "1", "--strategies", "eggroll"])
+    >>> sorted(out["strategies"])
+    ['eggroll']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from nograd.bench.timing import interleaved_medians
+from nograd.strategies.eggroll import EGGROLL
+from nograd.strategies.module_adapter import ModuleAdapter
+from nograd.strategies.openai_es import OpenAIES
+
+ADAPTER_STRATEGIES = ("sep-cma", "lm-ma-es", "rm-es", "snes", "pgpe", "cem", "ga")
+ALL = ("eggroll", "openai-es", *ADAPTER_STRATEGIES, "cma")
+SKIPPED = {
+    "cma": "full CMA-ES keeps a dim x dim covariance and eigendecomposition: not applicable at this dim"
+}
+IN_OUT = 64
+
+
+def hidden_for(dim: int) -> int:
+    """``h`` with ``h^2 + (2 * 64 + 2) h + 64`` closest to ``dim`` (at least 4)."""
+    b = 2 * IN_OUT + 2
+    return max(4, round((-b + math.sqrt(b * b + 4 * max(0, dim - IN_OUT))) / 2))
+
+
+def make_mlp(h: int, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(IN_OUT, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, IN_OUT))
+
+
+def mse_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((model(x) - y) ** 2).mean(1)
+
+
+def stacked_reference(
+    model: nn.Sequential, population: int, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """One pass of ``population`` distinct MLPs over the same rows (weights stacked, bmm)."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    ws = [
+        (lin.weight.detach().T.unsqueeze(0) + 0.01 * torch.randn(population, *lin.weight.T.shape))
+        for lin in linears
+    ]
+    bs = [
+        (lin.bias.detach() + 0.01 * torch.randn(population, lin.bias.numel())).unsqueeze(1) for lin in linears
+    ]
+    xs = x.unsqueeze(0).expand(population, *x.shape)
+
+    def call() -> None:
+        with torch.no_grad():
+            h = xs
+            for i, (w, b) in enumerate(zip(ws, bs)):
+                h = torch.baddbmm(b, h, w)
+                if i < len(ws) - 1:
+                    h = torch.relu(h)
+            ((h - y) ** 2).mean(2).mean(1)
+
+    return call
+
+
+def run(args: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="nograd bench es", description=__doc__.splitlines()[0])
+    p.add_argument("--dim", type=int, default=100_000, help="approximate number of MLP parameters")
+    p.add_argument("--population", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32, help="rows per member (all members see the same rows)")
+    p.add_argument("--repeats", type=int, default=5, help="timed generations per strategy (median)")
+    p.add_argument("--generations", type=int, default=None, help="alias of --repeats")
+    p.add_argument("--chunk", type=int, default=None, help="members per vmapped forward in the adapter")
+    p.add_argument("--strategies", default=",".join(ALL), help="comma-separated subset of " + ",".join(ALL))
+    p.add_argument("--loop", action="store_true", help="also time sep-cma evaluating members one by one")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="(output is JSON in any case)")
+    a = p.parse_args(args)
+    if a.generations is not None:
+        a.repeats = a.generations
+    names = [s for s in a.strategies.split(",") if s]
+    unknown = sorted(set(names) - set(ALL))
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown} (known: {', '.join(ALL)})")
+    if a.population < 2 or a.population % 2:
+        raise SystemExit("--population must be an even number >= 2")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    h = hidden_for(a.dim)
+    base = make_mlp(h)
+    dim = sum(q.numel() for q in base.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, IN_OUT, generator=gen)
+    y = torch.randn(a.batch, IN_OUT, generator=gen)
+
+    fns: dict[str, Callable[[], object]] = {}
+    for name in names:
+        if name in SKIPPED:
+            continue
+        model = make_mlp(h)
+        if name == "eggroll":
+            es = EGGROLL(
+                model,
+                sigma=0.05,
+                population=a.population,
+                rank=1,
+                seed=0,
+                optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+            )
+            fns[name] = lambda es=es: es.step(mse_rows, x, y)
+        elif name == "openai-es":
+            es = OpenAIES(
+                model,
+                sigma=0.05,
+                population=a.population,
+                seed=0,
+                optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+            )
+            fns[name] = lambda es=es: es.step(mse_rows, x, y)
+        else:
+            adapter = ModuleAdapter(model, name, sigma=0.05, popsize=a.population, seed=0, chunk_size=a.chunk)
+            fns[name] = lambda ad=adapter: ad.step(mse_rows, x, y)
+    if a.loop and "sep-cma" in names:
+        model = make_mlp(h)
+        adapter = ModuleAdapter(model, "sep-cma", sigma=0.05, popsize=a.population, seed=0, mode="loop")
+        fns["sep-cma (loop)"] = lambda ad=adapter: ad.step(mse_rows, x, y)
+
+    # the reference runs before every strategy, so each ratio compares neighbouring calls
+    timed: dict[str, Callable[[], object]] = {}
+    ref = stacked_reference(base, a.population, x, y)
+    for i, (name, fn) in enumerate(fns.items()):
+        timed[f"ref{i}"] = ref
+        timed[name] = fn
+    med = interleaved_medians(timed, repeats=a.repeats, warmup=1)
+    ref_s = sorted(v for k, v in med.items() if k.startswith("ref"))[len(fns) // 2] if fns else float("nan")
+    out: dict = {
+        "model": f"MLP {IN_OUT}-{h}-{h}-{IN_OUT}",
+        "dim": dim,
+        "population": a.population,
+        "batch": a.batch,
+        "repeats": a.repeats,
+        "threads": torch.get_num_threads(),
+        "reference": "P distinct MLPs in one pass, baddbmm over stacked weights",
+        "reference_seconds": ref_s,
+        "strategies": {},
+        "skipped": {n: SKIPPED[n] for n in names if n in SKIPPED},
+    }
+    for i, name in enumerate(fns):
+        out["strategies"][name] = {
+            "seconds_per_generation": med[name],
+            "ratio": med[name] / ref_s,
+            "ratio_to_adjacent_reference": med[name] / med[f"ref{i}"],
+        }
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(run(sys.argv[1:]), indent=1))
