@@ -77,6 +77,9 @@ class ModuleAdapter:
             current weights); ``**strategy_kwargs`` are the strategy's own hyperparameters.
         mode: ``"vmap"`` (chunks of members in one vectorised forward) or ``"loop"``.
         chunk_size: members per vectorised forward in vmap mode (``None``: the whole population).
+        cache_elements: let the strategy cache a generation's samples when ``popsize x dim`` is at
+            most this many numbers (float64; the default 2^25 is 256 MiB); ``None`` keeps the
+            strategy's own limit. Larger populations stay lazy: rebuilt from seeds per chunk.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class ModuleAdapter:
         seed: int = 0,
         mode: str = "vmap",
         chunk_size: int | None = None,
+        cache_elements: int | None = 1 << 25,
         **strategy_kwargs: Any,
     ) -> None:
         if mode not in MODES:
@@ -120,6 +124,10 @@ class ModuleAdapter:
             if sigma is None:
                 raise ValueError("sigma is required to build a strategy")
             self.strategy = cls(self.vector(), sigma, popsize, seed, **strategy_kwargs)
+        if cache_elements is not None:
+            # let the strategy keep a generation's standard-normal samples (popsize x dim float64)
+            # when they fit, instead of regenerating them in tell(): same numbers, less time
+            self.strategy.cache_elements = max(type(self.strategy).cache_elements, int(cache_elements))
         self.mode = mode
         self.chunk_size = chunk_size
         self.last_info: dict[str, float] = {}
@@ -178,9 +186,17 @@ class ModuleAdapter:
         with torch.no_grad():
             for start in range(0, pop, chunk):
                 ids = range(start, min(pop, start + chunk))
-                stacked = torch.stack([self.strategy.member(i) for i in ids])
+                stacked = self._candidates(ids)
                 losses.append(batched(self._params(stacked)).double().cpu())
         return torch.cat(losses)
+
+    def _candidates(self, ids: range) -> torch.Tensor:
+        """Candidates ``(len(ids), dim)``: through the strategy's vectorised ``_candidates`` hook
+        when it has one (one sampling pass for the chunk), else ``member(i)`` one by one."""
+        hook = getattr(self.strategy, "_candidates", None)
+        if hook is not None:
+            return hook(list(ids))
+        return torch.stack([self.strategy.member(i) for i in ids])
 
     def step(self, loss_fn: Callable[..., torch.Tensor], *batch: Any) -> torch.Tensor:
         """Evaluate, tell, and load the new mean into the model; returns the members' losses."""
