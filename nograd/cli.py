@@ -54,7 +54,7 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 """Registered subcommands, in the order they appear in ``nograd --help``."""
 
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["nograd.bench.command"]
 """Modules that register more subcommands when imported."""
 
 

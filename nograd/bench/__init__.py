@@ -7,8 +7,17 @@ machine shifts both sides of each ratio alike.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from importlib import import_module
+
+
+class BenchArgumentParser(argparse.ArgumentParser):
+    """Bad benchmark options raise ValueError (shown by the CLI as one line, exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(f"{self.prog}: {message}")
+
 
 # name -> (module path, one-line summary); modules are imported lazily
 BENCHES: dict[str, tuple[str, str]] = {}

@@ -22,12 +22,14 @@ import resource
 import subprocess
 import sys
 
+from . import BenchArgumentParser
+
 ZO_METHODS = ("mezo", "zo-sign", "zo-momentum", "zo-adam", "hizoo", "forward-grad")
 ALL_METHODS = ("inference", *ZO_METHODS, "adamw")
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="nograd bench memory", description=__doc__.splitlines()[0])
+    p = BenchArgumentParser(prog="nograd bench memory", description=__doc__.splitlines()[0])
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--n-head", type=int, default=10)
     p.add_argument("--n-embd", type=int, default=640)

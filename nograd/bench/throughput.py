@@ -12,14 +12,13 @@ timed interleaved in one process. ``ratio`` = population member-tokens/s / infer
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torch import nn
 
 from ..engine import BatchedPerturbation, ParamSpace, accumulate, member_directions
 from ..models.gpt import GPT, GPTConfig
 from ..noise import SeededNoise
+from . import BenchArgumentParser
 from .timing import interleaved_medians
 
 
@@ -88,7 +87,7 @@ def measure(
 
 
 def run(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="nograd bench throughput", description=__doc__.splitlines()[0])
+    p = BenchArgumentParser(prog="nograd bench throughput", description=__doc__.splitlines()[0])
     p.add_argument("--population", type=int, default=64)
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--sigma", type=float, default=0.01)
