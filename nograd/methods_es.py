@@ -234,6 +234,7 @@ def _build_module_es(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, method
                 init_state=lambda n: torch.zeros(n * holder[0].rows, 1),  # no recurrent state
                 rank=rank,
                 stagger=o["stagger"],
+                stagger_unroll=False,
                 **common,
             )
             holder.append(ModuleESMethod(es, loss_fn, cfg.lr))

@@ -125,3 +125,16 @@ def test_bad_hyperparameters(kw):
     args = {"sigma": 0.01, "population": 4, "window": 10, "episode_length": 200, "lr": 0.1, **kw}
     with pytest.raises(ValueError):
         NRES(model, init_state=model.init_state, **args)
+
+
+def test_stagger_without_unrolling_assigns_positions():
+    _, nres = make(population=8, stagger_unroll=False)
+    calls = []
+
+    def counting(m, s, steps):
+        calls.append(steps)
+        return unroll(m, s, steps)
+
+    nres.step(counting)
+    assert len(calls) == 1  # no warm-up
+    assert nres.position == [10, 60, 110, 160]

@@ -88,6 +88,9 @@ class NRES:
         seed: noise seed.
         mode: ``"batched"`` (one forward for all members) or ``"inplace"`` (one at a time).
         stagger: step-unlock the workers (spread over the episode's windows).
+        stagger_unroll: reach the staggered positions by unrolling (a warm-up of at most one
+            episode); ``False`` just assigns them, which is exact when the state does not depend
+            on the position (a model without recurrent state).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class NRES:
         seed: int = 0,
         mode: str = "batched",
         stagger: bool = True,
+        stagger_unroll: bool = True,
         noise: str = "gaussian",
     ) -> None:
         if not (sigma > 0):
@@ -147,6 +151,7 @@ class NRES:
         self.seed = int(seed)
         self.mode = mode
         self.stagger = bool(stagger)
+        self.stagger_unroll = bool(stagger_unroll)
         self.noise_kind = noise
         self.noise = SeededNoise(self.seed, noise)
         self.space = ParamSpace(model, rank=self.rank)
@@ -241,6 +246,9 @@ class NRES:
             return
         windows = self.episode_length // self.window
         offsets = [k * windows // self.workers for k in range(self.workers)]
+        if not self.stagger_unroll:
+            self.position = [o * self.window for o in offsets]
+            return
         for w in range(max(offsets)):
             new, _ = self._unroll(unroll, self.state)
             self._advance(new, [o > w for o in offsets])
