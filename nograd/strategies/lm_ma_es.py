@@ -1,0 +1,131 @@
+"""LM-MA-ES: limited-memory matrix adaptation evolution strategy, O(m n) time and memory per sample.
+
+Loshchilov, Glasmachers & Beyer (2019), "Large Scale Black-box Optimization by Limited-Memory Matrix
+Adaptation", IEEE Transactions on Evolutionary Computation 23(2):353-358, Algorithm 1. The
+transformation matrix of MA-ES is replaced by ``m`` direction vectors ``M_1..M_m`` applied as
+sequential rank-one transforms of the standard-normal ``z``::
+
+    λ = 4 + floor(3 ln n),  μ = floor(λ/2),  w_i = log weights (Σ w_i = 1),  μ_w = 1 / Σ w_i^2
+    m = 4 + floor(3 ln n),  c_σ = 2 λ / n
+    c_d,j = 1 / (1.5^(j-1) n),  c_c,j = λ / (4^(j-1) n),      j = 1..m
+
+    d_k = z_k;  for j = 1..min(t, m):  d_k <- (1 - c_d,j) d_k + c_d,j M_j (M_j^T d_k)
+    x_k = y + σ d_k
+    y   <- y + σ Σ_{i<=μ} w_i d_{i:λ}
+    p_σ <- (1 - c_σ) p_σ + sqrt(μ_w c_σ (2 - c_σ)) Σ_{i<=μ} w_i z_{i:λ}
+    M_j <- (1 - c_c,j) M_j + sqrt(μ_w c_c,j (2 - c_c,j)) Σ_{i<=μ} w_i z_{i:λ}       j = 1..m
+    σ   <- σ exp((c_σ / 2) (||p_σ||^2 / n - 1))
+
+``t`` is the generation counter (the ``min(t, m)`` keeps the all-zero initial vectors from
+shrinking samples). The paper targets large ``n``; for ``n < 2 λ`` the rates above exceed 1, so
+``c_σ`` and ``c_c,j`` are capped at 1 here (a safeguard not in the paper).
+
+Because the transform is linear, ``Σ w_i d_{i:λ} = T(Σ w_i z_{i:λ})``: ``tell`` regenerates the μ
+selected ``z`` from seeds (in chunks), sums them and transforms once. ``ask`` applies the m rank-one
+transforms to the whole population with matrix ops.
+
+Example:
+    >>> from nograd.functions import sphere
+    >>> es = LMMAES([1.0] * 200, sigma=0.5, seed=0)
+    >>> x, f = es.optimize(sphere, max_evals=40000, target=1e-6)
+    >>> f <= 1e-6
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from nograd.strategies.base import F64, Strategy, log_weights
+
+__all__ = ["LMMAES"]
+
+Tensor = torch.Tensor
+
+
+class LMMAES(Strategy):
+    """Limited-memory MA-ES (Loshchilov, Glasmachers & Beyer 2019).
+
+    Args:
+        x0, sigma, popsize, seed: see :class:`~nograd.strategies.base.Strategy`.
+        memory: number ``m`` of direction vectors (default ``4 + floor(3 ln n)``).
+        c_sigma: step-size path rate (default ``min(1, 2 λ / n)``).
+    """
+
+    name = "lm-ma-es"
+    _state_keys = ("M", "p_sigma", "weights", "mu", "mu_w", "c_sigma", "c_d", "c_c")
+
+    def __init__(
+        self,
+        x0: Tensor | Sequence[float],
+        sigma: float,
+        popsize: int | None = None,
+        seed: int = 0,
+        *,
+        memory: int | None = None,
+        c_sigma: float | None = None,
+    ) -> None:
+        super().__init__(x0, sigma, popsize, seed)
+        n, lam = self.dim, self.popsize
+        m = 4 + int(math.floor(3 * math.log(n))) if memory is None else int(memory)
+        if m < 0:
+            raise ValueError(f"memory must be >= 0, got {memory}")
+        self.mu: int = lam // 2
+        self.weights: Tensor = log_weights(lam, self.mu)
+        self.mu_w: float = float(1 / self.weights.square().sum())
+        cs = min(1.0, 2 * lam / n) if c_sigma is None else float(c_sigma)
+        if not 0 < cs <= 1:
+            raise ValueError(f"c_sigma must be in (0, 1], got {c_sigma}")
+        self.c_sigma: float = cs
+        j = torch.arange(m, dtype=F64)
+        self.c_d: Tensor = 1 / (1.5**j * n)
+        self.c_c: Tensor = (lam / (4.0**j * n)).clamp(max=1.0)
+        self.M: Tensor = torch.zeros(m, n, dtype=F64)
+        self.p_sigma: Tensor = torch.zeros(n, dtype=F64)
+
+    @property
+    def memory(self) -> int:
+        return self.M.shape[0]
+
+    def transform(self, z: Tensor) -> Tensor:
+        """Apply the sequential rank-one transforms to the rows of ``z`` ``(k, n)``: ``d = T(z)``.
+
+        Every transform adds a multiple of one ``M_j``, so ``d = s z + Σ_j β_j M_j``; the recursion
+        runs on the small coefficients (with ``G = M M^T`` and ``z M^T``) and ``d`` is formed with one
+        matrix product, instead of ``m`` passes over a ``k x n`` matrix. Exactly the same map.
+        """
+        used = min(self.generation, self.memory)
+        if used == 0:
+            return z.clone()
+        M = self.M[:used]
+        proj_z = z @ M.T  # (k, used): z·M_j
+        gram = M @ M.T
+        scale = 1.0
+        beta = z.new_zeros(z.shape[0], used)
+        for j in range(used):
+            c = float(self.c_d[j])
+            proj = scale * proj_z[:, j] + beta @ gram[:, j]  # d_{j-1}·M_j
+            scale *= 1 - c
+            beta.mul_(1 - c)
+            beta[:, j] += c * proj
+        return torch.addmm(z, beta, M, beta=scale)
+
+    def _candidates(self, members: Sequence[int]) -> Tensor:
+        return self.transform(self.standard_normal(members)).mul_(self.sigma).add_(self.mean)
+
+    def _update(self, losses: Tensor, order: Tensor) -> None:
+        n, cs = self.dim, self.c_sigma
+        z_w, _ = self._weighted_sums(order[: self.mu].tolist(), self.weights)
+        d_w = self.transform(z_w.unsqueeze(0))[0]
+        self.mean = self.mean + self.sigma * d_w
+        self.p_sigma = (1 - cs) * self.p_sigma + math.sqrt(self.mu_w * cs * (2 - cs)) * z_w
+        cc = self.c_c.unsqueeze(1)
+        self.M = (1 - cc) * self.M + (self.mu_w * cc * (2 - cc)).sqrt() * z_w
+        self.sigma = self.sigma * math.exp(cs / 2 * (float(self.p_sigma.square().sum()) / n - 1))
+
+    def _stop_extra(self) -> dict[str, Any]:
+        return {}
