@@ -89,20 +89,33 @@ class GA(Strategy):
         self.parents: list[list[int]] = [[]]  # chains; generation 0 has theta_0 only
         self.elite: list[int] = []
         self._parent_vecs: list[Tensor] = [self.x0.clone()]
+        # rows built this generation (member -> vector) when popsize x dim <= cache_elements
+        self._rows: tuple[int, dict[int, Tensor]] = (-1, {})
 
     def default_popsize(self, dim: int) -> int:
         return 64
 
     # genomes ----------------------------------------------------------------------------
+    def _buffers(self) -> tuple[Tensor, Tensor]:
+        return torch.empty(self.dim, dtype=torch.float32), torch.empty(self.dim, dtype=F64)
+
+    def _mutate_(self, x: Tensor, seed: int, bufs: tuple[Tensor, Tensor]) -> Tensor:
+        """``x += sigma * eps(seed)`` in place; the one code path for evaluation and rebuilding."""
+        b32, b64 = bufs
+        SeededNoise(seed, threads=1).fill_(b32, generation=0, member=0, index=0)
+        return x.add_(b64.copy_(b32), alpha=self.sigma)
+
     def mutation(self, seed: int) -> Tensor:
         """``eps(seed)``: the standard-normal mutation vector of one seed (float32 draws as float64)."""
-        return SeededNoise(seed, threads=1).full((self.dim,), generation=0, member=0, index=0, dtype=F64)
+        b32 = torch.empty(self.dim, dtype=torch.float32)
+        return SeededNoise(int(seed), threads=1).fill_(b32, generation=0, member=0, index=0).to(F64)
 
     def genome_to_params(self, chain: Sequence[int]) -> Tensor:
         """Rebuild an individual from ``theta_0`` and its seed chain, bit-identical to evaluation."""
         x = self.x0.clone()
+        bufs = self._buffers()
         for s in chain:
-            x.add_(self.mutation(int(s)), alpha=self.sigma)
+            self._mutate_(x, int(s), bufs)
         return x
 
     def _parent_index(self, member: int) -> int:
@@ -126,22 +139,32 @@ class GA(Strategy):
         return self.parents[self._parent_index(member)] + [self._seed(member)]
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
+        cache = self._rows if self.popsize * self.dim <= self.cache_elements else None
+        if cache is not None and cache[0] != self.generation:
+            cache = self._rows = (self.generation, {})
         out = torch.empty(len(members), self.dim, dtype=F64)
+        bufs = self._buffers()
         for row, m in enumerate(members):
-            if self._is_elite(m):
+            if cache is not None and m in cache[1]:
+                out[row] = cache[1][m]
+            elif self._is_elite(m):
                 out[row] = self.mean
             else:
-                x = self._parent_vecs[self._parent_index(m)].clone()
-                out[row] = x.add_(self.mutation(self._seed(m)), alpha=self.sigma)
+                # parent + sigma * eps: the same in-place float64 add as genome_to_params
+                out[row] = self._parent_vecs[self._parent_index(m)]
+                self._mutate_(out[row], self._seed(m), bufs)
+            if cache is not None:
+                cache[1][m] = out[row]
         return out
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         top = [int(i) for i in order[: self.truncation]]
         chains = [self.genome(i) for i in top]
-        vecs = [self._candidates([i])[0] for i in top]
+        vecs = list(self._candidates(top))
         self.parents, self._parent_vecs = chains, vecs
         self.elite = chains[0]
         self.mean = vecs[0].clone()
+        self._rows = (-1, {})
 
     def _max_std(self) -> float:
         return self.sigma
@@ -165,3 +188,4 @@ class GA(Strategy):
         self.parents = [list(c) for c in state["parents"]]
         self.elite = list(state["elite"])
         self._parent_vecs = [self.genome_to_params(c) for c in self.parents]
+        self._rows = (-1, {})
