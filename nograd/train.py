@@ -275,6 +275,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
         if path == "auto":
             path = os.path.join(_resolve(cfg).out, "checkpoint.pt")
         ckpt = load_checkpoint(path)
+        if not isinstance(ckpt.get("config"), dict):
+            raise UsageError(f"checkpoint {path!r} holds no training state to resume")
         cfg = resume_config(config_from_dict(ckpt["config"]), cfg, explicit)
         cfg.validate()
     cfg = _resolve(cfg)
@@ -296,15 +298,23 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     step, forward_tokens, wall = 0, 0.0, 0.0
     rows: list[dict[str, Any]] = []
     if ckpt is not None:
-        if ckpt["model_config"] != asdict(task.model_config):
-            raise UsageError("checkpoint's model does not match this task/data (different data file?)")
-        model.load_state_dict(ckpt["model"])
-        method.load_state_dict(ckpt["method"])
-        task.sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        step, forward_tokens, wall = ckpt["step"], ckpt["forward_tokens"], ckpt["wall_s"]
+        # The attention kernel is a choice of computation, not of weights: a
+        # method may switch it, so it does not have to match.
+        saved_model = {k: v for k, v in ckpt.get("model_config", {}).items() if k != "attention"}
+        if saved_model != {k: v for k, v in asdict(task.model_config).items() if k != "attention"}:
+            raise UsageError(
+                "the checkpoint's model does not match this task and data (different data file?)"
+            )
+        try:
+            model.load_state_dict(ckpt["model"])
+            method.load_state_dict(ckpt["method"])
+            task.sampler.load_state_dict(ckpt["sampler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+            step, forward_tokens, wall = ckpt["step"], ckpt["forward_tokens"], ckpt["wall_s"]
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UsageError(f"checkpoint cannot be resumed ({type(e).__name__}: {str(e)[:100]})") from None
         rows = _read_rows(out / "metrics.jsonl", step)
         log(f"resuming from step {step} ({forward_tokens:.3g} forward tokens, {wall:.1f}s)")
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")

@@ -198,3 +198,21 @@ def test_training_reduces_loss(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert summary["final_val_loss"] < rows[0]["val_loss"] - 0.5
     assert math.isfinite(summary["wall_s"])
+
+
+def test_progress_bar_only_on_a_terminal():
+    import io
+
+    from nograd.train import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        p = Progress(10, enabled=True, stream=stream)
+        p.update(10, 1.5, 1234.0, 65.0)
+        p.clear()
+    assert "10/10" in tty.getvalue() and "loss 1.5000" in tty.getvalue() and "eta 1:05" in tty.getvalue()
+    assert pipe.getvalue() == ""
