@@ -14,6 +14,16 @@ from nograd.models.gpt import GPT, GPTConfig
 from nograd.tasks.shakespeare import per_example_loss
 from nograd.train import TrainConfig
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster, and much faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 NAMES = ["openai-es", "eggroll", "pgpe", "snes", "sep-cma", "lm-ma-es", "rm-es", "cma", "cem", "ga", "nres"]
 
 

@@ -18,6 +18,16 @@ from nograd.bench.nres_tbptt import (
 from nograd.shaping import NonFiniteFitnessError
 from nograd.strategies.nres import NRES
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster, and much faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 T, W = 200, 10
 
 
