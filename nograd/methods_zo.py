@@ -121,20 +121,11 @@ class ZOMethod:
                 loss = opt.step(closure)
         except NonFiniteFitnessError:
             # weights untouched; the next step draws new noise
-            spent = float(self._forwards_when_skipped())
+            spent = opt.last_info.get("forwards", 0.0)
             info = {"nonfinite": opt.last_info.get("nonfinite", 0.0), "skipped": 1.0}
             return StepResult(loss=math.nan, forward_tokens=spent * x.numel(), info=info)
         info = {"nonfinite": opt.last_info["nonfinite"]}
         return StepResult(loss=loss, forward_tokens=opt.last_info["forwards"] * x.numel(), info=info)
-
-    def _forwards_when_skipped(self) -> int:
-        opt: Any = self.optimizer
-        if self.functional:
-            return 3 * opt.tangents
-        n = opt.directions
-        if opt.one_sided:
-            return n + 1
-        return 2 * n + (1 if type(opt).__name__ == "HiZOO" else 0)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}

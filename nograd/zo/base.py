@@ -340,7 +340,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             evaluation = self.evaluate(closure, generation)
         except NonFiniteFitnessError as e:
             self._zo_step += 1
-            self.last_info = {"nonfinite": float(getattr(e, "nonfinite", 0)), "skipped": 1.0}
+            self.last_info = {
+                "nonfinite": float(getattr(e, "nonfinite", 0)),
+                "forwards": float(getattr(e, "forwards", 0)),
+                "skipped": 1.0,
+            }
             self._emit({"step": generation, "seed": self.seed, "skipped": True})
             raise
         record = self.make_record(evaluation, generation)

@@ -43,9 +43,10 @@ from .base import Closure, Evaluation, ScaledView, check_common, check_int, chec
 class ZONonFiniteError(NonFiniteFitnessError):
     """Every direction of a step gave a NaN/inf loss; nothing was changed. ``.nonfinite`` counts them."""
 
-    def __init__(self, message: str, nonfinite: int) -> None:
+    def __init__(self, message: str, nonfinite: int, forwards: int = 0) -> None:
         super().__init__(message)
         self.nonfinite = nonfinite
+        self.forwards = forwards  # forward passes spent before giving up
 
 
 def _space(params: Any, noise_rank: int) -> ParamSpace:
@@ -66,13 +67,17 @@ class SPSAEstimator:
             low-rank ``A B^T / sqrt(r)`` noise (EGGROLL), cheaper to regenerate.
         distribution: ``"gaussian"`` or ``"rademacher"``.
         seed: noise seed; direction ``k`` of estimate ``t`` is keyed by ``(seed, t, k)``.
-        module: the module whose forward the closure runs, if ``params`` is not one (else the
-            owners of the tensors are found by one unperturbed forward, whose loss is reused).
+        module: map each tensor to the module that registers it instead of running a discovery
+            forward. By default the first estimate runs the closure once unperturbed to learn which
+            modules' forwards use which tensors (robust to tied weights and to parameters used
+            outside their module, which are then perturbed for the whole evaluation); that forward
+            is counted in ``last_info["forwards"]`` and gives ``L(theta)`` for one-sided estimates.
 
-    ``estimate(closure)`` returns the loss (``L(theta)`` when evaluated, else the mean of the
-    finite perturbed losses) and writes the estimate into ``.grad``. Directions with a NaN/inf
-    loss are skipped (counted in ``last_info["nonfinite"]``); if none is left a
-    :class:`ZONonFiniteError` is raised and no ``.grad`` is written.
+    ``estimate(closure)`` returns the loss (``L(theta)`` when the estimate needs it, else the mean
+    of the finite perturbed losses, so the value does not depend on whether a discovery ran) and
+    writes the estimate into ``.grad``. Directions with a NaN/inf loss are skipped (counted in
+    ``last_info["nonfinite"]``); if none is left a :class:`ZONonFiniteError` is raised and no
+    ``.grad`` is written.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -102,6 +107,7 @@ class SPSAEstimator:
         self.space = _space(params, noise_rank)
         self.noise = SeededNoise(seed, distribution)
         self.view = ScaledView(self.space)
+        self.view.module = None  # discovery unless a module is given explicitly
         self.perturbation = InPlacePerturbation(self.view, self.noise, module=module)  # type: ignore[arg-type]
         self.step_count = 0
         self.last_info: dict[str, float] = {}
@@ -187,8 +193,9 @@ class SPSAEstimator:
                 f"all {bad} directions gave NaN/inf losses; the weights were left unchanged "
                 "(lower eps or the learning rate)",
                 bad,
+                forwards,
             )
-        loss = l0 if l0 is not None and math.isfinite(l0) else sum(finite_losses) / len(finite_losses)
+        loss = l0 if need_center else sum(finite_losses) / len(finite_losses)
         return Evaluation(dirs, diffs, loss, bad, forwards, l0, curv if curvature else None)
 
     def coefficients(self, evaluation: Evaluation, eps: float | None = None) -> list[tuple[int, float]]:

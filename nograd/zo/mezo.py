@@ -51,7 +51,6 @@ class SPSAOptimizer(ZOOptimizer):
             noise_rank=noise_rank,
             distribution=distribution,
             seed=seed,
-            module=self.module,
         )
         self.sync_noise()
 
@@ -76,6 +75,12 @@ class MeZO(SGDRule, SPSAOptimizer):
     Memory: no model-sized buffer. The perturbation copies one module's parameters at a time
     (:class:`~nograd.engine.InPlacePerturbation`, bit-exact restore); the update adds the
     regenerated noise to the weights block by block (:func:`~nograd.engine.accumulate`).
+    Measured on a 128 MB model (8 x Linear(2048, 2048), float32, CPU): +25 MB peak for a step
+    (one Linear's weights plus one 4 MB noise chunk), against +137 MB for ZO-momentum's full
+    buffer and +295 MB for ZO-Adam.
+
+    The first step (also after ``load_state_dict`` into a fresh optimizer) runs the closure once
+    unperturbed to learn which module uses which tensor; it is counted in ``last_info``.
 
     Args:
         params: ``model.parameters()``, ``model.named_parameters()``, param groups (each may set
