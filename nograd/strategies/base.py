@@ -165,12 +165,15 @@ class Strategy:
         return {}
 
     # ------------------------------------------------------------------ noise
-    def _draw(
-        self, member: int, index: int = 0, size: int | None = None, generation: int | None = None
-    ) -> Tensor:
-        g = self.generation if generation is None else generation
+    def _draw_members(self, members: Sequence[int], index: int = 0, size: int | None = None) -> Tensor:
+        """``SeededNoise(seed).full((size,), generation, member=m, index)`` for each ``m``, stacked,
+        as float64 ``(len(members), size)`` (drawn through the batched ``SeededNoise.members``)."""
         n = self.dim if size is None else size
-        return self.noise.full((n,), generation=g, member=member, index=index, dtype=F64)
+        ids = [int(m) for m in members]
+        if not ids:
+            return torch.empty(0, n, dtype=F64)
+        z = self.noise.members((n,), generation=self.generation, members=ids, index=index)
+        return z.to(F64)
 
     @property
     def _n_noise(self) -> int:
@@ -180,26 +183,20 @@ class Strategy:
     def standard_normal(self, members: Sequence[int] | Tensor | None = None) -> Tensor:
         """Standard-normal samples ``z`` ``(k, dim)`` of the current generation for noise ids ``members``.
 
-        Regenerated from ``SeededNoise(seed).full((dim,), generation, member, index=0)`` (float32
-        draws cast to float64), or taken from the generation cache.
+        Row ``j`` equals ``SeededNoise(seed).full((dim,), generation=generation, member=members[j],
+        index=0)`` (float32 draws cast to float64); taken from the generation cache when it is on.
         """
-        ids = range(self._n_noise) if members is None else [int(m) for m in members]
+        ids = list(range(self._n_noise)) if members is None else [int(m) for m in members]
         cache = self._cached()
         if cache is not None:
-            return cache[torch.as_tensor(list(ids), dtype=torch.long)]
-        out = torch.empty(len(ids), self.dim, dtype=F64)
-        for row, m in enumerate(ids):
-            out[row] = self._draw(m)
-        return out
+            return cache[torch.as_tensor(ids, dtype=torch.long)]
+        return self._draw_members(ids)
 
     def _cached(self) -> Tensor | None:
         if self._n_noise * self.dim > self.cache_elements:
             return None
         if self._cache is None or self._cache[0] != self.generation:
-            z = torch.empty(self._n_noise, self.dim, dtype=F64)
-            for m in range(self._n_noise):
-                z[m] = self._draw(m)
-            self._cache = (self.generation, z)
+            self._cache = (self.generation, self._draw_members(range(self._n_noise)))
         return self._cache[1]
 
     def _chunks(self, ids: Sequence[int]) -> Iterator[tuple[slice, Tensor]]:

@@ -132,7 +132,7 @@ class RmES(Strategy):
     def path_scalars(self, members: Sequence[int] | None = None) -> Tensor:
         """The scalars ``r_{k,i}`` ``(k, m)`` of the current generation."""
         if self._r_cache is None or self._r_cache[0] != self.generation:
-            r = torch.stack([self._draw(k, index=1, size=self.paths) for k in range(self.popsize)])
+            r = self._draw_members(range(self.popsize), index=1, size=self.paths)
             self._r_cache = (self.generation, r)
         r = self._r_cache[1]
         return r if members is None else r[torch.as_tensor(list(members), dtype=torch.long)]
