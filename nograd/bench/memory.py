@@ -10,7 +10,7 @@ weights dominate memory) and does one thing once:
 What a step *adds* is ``peak - memory after imports``: peak RSS on CPU (``ru_maxrss``),
 ``torch.cuda.max_memory_allocated`` on GPU. ``memory_ratio`` = step / inference.
 ``time_ratio`` = a MeZO step's time / the time of two inference forwards, timed interleaved in
-one process (medians).
+one process (medians); ``time_ratio_rank1_noise`` the same with rank-1 matrix noise.
 """
 
 from __future__ import annotations
@@ -143,27 +143,37 @@ def _child(args: argparse.Namespace) -> dict:
 def _timing(args: argparse.Namespace) -> dict:
     import torch
 
+    import nograd
+
     from .timing import interleaved_medians
 
     model, loss = _setup(args)
     infer = _step_fn("inference", model, loss)
-    mezo = _step_fn("mezo", model, loss)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    gaussian = nograd.MeZO(model, lr=1e-6)
+    lowrank = nograd.MeZO(model, lr=1e-6, noise_rank=1)  # LOZO-style: E = a b^T for matrices
 
     def two_forwards() -> None:
         infer()
         infer()
         sync()
 
-    def zo_step() -> None:
-        mezo()
-        sync()
+    def step(opt):
+        def run() -> None:
+            opt.step(lambda: loss().item())
+            sync()
 
-    t = interleaved_medians({"two_forwards": two_forwards, "mezo": zo_step}, repeats=args.repeats)
+        return run
+
+    t = interleaved_medians(
+        {"two_forwards": two_forwards, "mezo": step(gaussian), "mezo_rank1": step(lowrank)},
+        repeats=args.repeats,
+    )
     return {
         "two_forwards_s": t["two_forwards"],
         "mezo_step_s": t["mezo"],
         "time_ratio": t["mezo"] / t["two_forwards"],
+        "time_ratio_rank1_noise": t["mezo_rank1"] / t["two_forwards"],
     }
 
 
