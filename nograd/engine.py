@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .noise import SeededNoise
+from .noise import SMALL, SeededNoise
 
 Direction = tuple[int, float]  # (noise direction index, scale such as +sigma or -sigma)
 
@@ -190,6 +190,16 @@ def accumulate(
                     p.grad = g.to(p.dtype)
                 else:
                     p.add_(g.to(p.dtype), alpha=-lr)
+                continue
+            if not space.lowrank[i] and p.numel() <= SMALL and len(coefficients) > 1:
+                # small dense tensors (biases, norms): all directions from grouped draws, one matvec
+                e = space.member_dense(noise, i, generation, [d for d, _ in coefficients])
+                c = torch.tensor([c for _, c in coefficients], dtype=e.dtype, device=e.device)
+                g = torch.tensordot(c, e, dims=1)
+                if into == "grad":
+                    p.grad = g.to(p.dtype)
+                else:
+                    p.sub_((g * lr).to(p.dtype))
                 continue
             if into == "grad":
                 g = torch.zeros(p.shape, dtype=torch.float32, device=p.device)

@@ -47,9 +47,11 @@ if TYPE_CHECKING:
 
 OUTERS = ("adamw", "adam", "sgd", "muon")
 
-# method -> (population, sigma, rank, default lr); the trainer's --lr default is the last entry
+# method -> defaults for cfg fields left None; "lr" is the method's registered default_lr.
+# eggroll's were checked briefly on shakespeare-char (default 4x128 GPT, B=12, T=64): population 64,
+# sigma 0.02, rank 2, AdamW lr 3e-3 took val loss 4.22 -> 3.70 in 40 steps; 128 halves the noise.
 ES_DEFAULTS: dict[str, dict[str, Any]] = {
-    "eggroll": {"population": 256, "sigma": 0.02, "rank": 2, "lr": 3e-3},
+    "eggroll": {"population": 128, "sigma": 0.02, "rank": 2, "lr": 3e-3},
     "openai-es": {"population": 64, "sigma": 0.01, "rank": 0, "lr": 3e-3},
     "nres": {"population": 128, "sigma": 0.02, "rank": 2, "lr": 3e-3},
     "sep-cma": {"population": 64, "sigma": 0.02},
