@@ -217,6 +217,17 @@ def accumulate(
                 p.sub_((g * lr).to(p.dtype))
 
 
+def _unique_directions(members: Sequence[Direction]) -> tuple[list[int], torch.Tensor | None]:
+    """Distinct directions in first-seen order, and each member's row among them (None if all distinct)."""
+    dirs = [d for d, _ in members]
+    first: dict[int, int] = {}
+    for d in dirs:
+        first.setdefault(d, len(first))
+    if len(first) == len(dirs):
+        return dirs, None
+    return list(first), torch.tensor([first[d] for d in dirs], dtype=torch.long)
+
+
 def _direct_owners(space: ParamSpace, module: nn.Module) -> dict[int, list[int]]:
     """id(module) -> indices of the space's tensors registered directly on it."""
     owners: dict[int, list[int]] = {}
@@ -362,13 +373,20 @@ class BatchedPerturbation:
     # per-member noise -----------------------------------------------------------------------
     def _member_factors(self, i: int, generation: int, members: Sequence[Direction]):
         """Stacked (A * scale / sqrt(r), B) over members: (P, out, r), (P, in, r)."""
-        a, b = self.space.member_factors(self.noise, i, generation, [d for d, _ in members])
+        uniq, where = _unique_directions(members)
+        a, b = self.space.member_factors(self.noise, i, generation, uniq)
+        if where is not None:  # antithetic pairs share a direction: draw it once
+            where = where.to(a.device)
+            a, b = a[where], b[where]
         scale = torch.tensor([s for _, s in members], dtype=a.dtype, device=a.device)
         return a * (scale / math.sqrt(self.space.rank)).view(-1, 1, 1), b
 
     def _member_dense(self, i: int, generation: int, members: Sequence[Direction]) -> torch.Tensor:
         """Stacked scale * E over members: (P, *shape)."""
-        e = self.space.member_dense(self.noise, i, generation, [d for d, _ in members])
+        uniq, where = _unique_directions(members)
+        e = self.space.member_dense(self.noise, i, generation, uniq)
+        if where is not None:
+            e = e[where.to(e.device)]
         scale = torch.tensor([s for _, s in members], dtype=e.dtype, device=e.device)
         return e.mul_(scale.view(-1, *([1] * (e.dim() - 1))))
 
