@@ -9,7 +9,8 @@ Registered names and what they run (``forward_tokens = population x B x T`` per 
   antithetic noise, centered ranks, same outer optimizer.
 * ``sep-cma``, ``lm-ma-es``, ``rm-es``, ``snes``, ``pgpe``, ``cem``, ``cma``, ``ga`` - a flat
   ask/tell strategy on all trainable weights through
-  :class:`~nograd.strategies.module_adapter.ModuleAdapter` (members in vmapped chunks). These
+  :class:`~nograd.strategies.module_adapter.ModuleAdapter` (members one by one on CPU, vmapped
+  chunks on CUDA; ``--opt mode=vmap|loop``). These
   adapt their own step sizes: ``--lr`` and its schedule are not used. Full ``cma`` only fits tiny
   models (dim <= 2000).
 * ``nres`` - :class:`~nograd.strategies.nres.NRES` (Li et al. 2023). The GPT has no recurrent
@@ -72,7 +73,7 @@ ES_OPTS: dict[str, dict[str, Any]] = {
     "nres": {**_MODULE_ES_OPTS, "reuse": 8, "stagger": True},
 }
 # flat ask/tell strategies: the adapter's options plus each strategy's own (None: the paper's default)
-_ADAPTER_OPTS = {"mode": "vmap", "chunk": 0}
+_ADAPTER_OPTS = {"mode": "auto", "chunk": 0}
 _STRATEGY_OPTS: dict[str, dict[str, Any]] = {
     "sep-cma": {"c_m": None},
     "lm-ma-es": {"memory": None, "c_sigma": None},

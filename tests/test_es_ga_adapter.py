@@ -137,7 +137,7 @@ def test_adapter_handles_tied_weights_and_trains():
     ids = torch.randint(0, 7, (8, 5))
     targets = (ids + 1) % 7
     model = Tied()
-    trainer = ModuleAdapter(model, "sep-cma", sigma=0.2, popsize=16, seed=0)
+    trainer = ModuleAdapter(model, "sep-cma", sigma=0.2, popsize=16, seed=0, mode="vmap")
     assert trainer.dim == 7 * 4 + 4 + 4  # the tied matrix once
     with torch.no_grad():
         start = float(ce_rows(model, ids, targets).mean())
@@ -199,3 +199,7 @@ def test_adapter_bad_arguments():
         ModuleAdapter(small_net(), "snes")
     with pytest.raises(ValueError):
         ModuleAdapter(small_net(), GA(torch.ones(3), 0.1, 4))
+
+
+def test_adapter_auto_mode_is_loop_on_cpu():
+    assert ModuleAdapter(small_net(), "snes", sigma=0.1).mode == "loop"

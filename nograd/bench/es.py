@@ -8,8 +8,9 @@ one pass, ``baddbmm`` over stacked weights ``(P, in, out)``. Strategy and refere
 interleaved and repeated, and the ratio is ``median(strategy) / median(reference)``.
 
 * ``eggroll`` (rank 1) and ``openai-es`` (dense noise) use the batched engine and step an Adam.
-* the flat ask/tell strategies go through the module adapter (``vmap`` over chunks of members,
-  the candidates rebuilt from seeds with ``strategy.member(i)``); ``ga`` is the Deep GA.
+* the flat ask/tell strategies go through the module adapter (``--adapter-mode``: ``auto`` =
+  members one by one on CPU, vmap on CUDA; candidates rebuilt from seeds per chunk); ``ga`` is
+  the Deep GA.
 * full ``cma`` is skipped: it stores a dim x dim covariance (8e10 bytes at dim 1e5).
 
 Example:
@@ -91,7 +92,8 @@ def run(args: list[str]) -> dict:
     p.add_argument("--generations", type=int, default=None, help="alias of --repeats")
     p.add_argument("--chunk", type=int, default=None, help="members per vmapped forward in the adapter")
     p.add_argument("--strategies", default=",".join(ALL), help="comma-separated subset of " + ",".join(ALL))
-    p.add_argument("--loop", action="store_true", help="also time sep-cma evaluating members one by one")
+    p.add_argument("--adapter-mode", choices=("auto", "vmap", "loop"), default="auto")
+    p.add_argument("--loop", action="store_true", help="also time sep-cma with the other adapter mode")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="(output is JSON in any case)")
     a = p.parse_args(args)
@@ -137,12 +139,19 @@ def run(args: list[str]) -> dict:
             )
             fns[name] = lambda es=es: es.step(mse_rows, x, y)
         else:
-            adapter = ModuleAdapter(model, name, sigma=0.05, popsize=a.population, seed=0, chunk_size=a.chunk)
+            adapter = ModuleAdapter(
+                model, name, sigma=0.05, popsize=a.population, seed=0, chunk_size=a.chunk, mode=a.adapter_mode
+            )
             fns[name] = lambda ad=adapter: ad.step(mse_rows, x, y)
     if a.loop and "sep-cma" in names:
         model = make_mlp(h)
-        adapter = ModuleAdapter(model, "sep-cma", sigma=0.05, popsize=a.population, seed=0, mode="loop")
-        fns["sep-cma (loop)"] = lambda ad=adapter: ad.step(mse_rows, x, y)
+        other = (
+            "vmap"
+            if ModuleAdapter(make_mlp(4), "sep-cma", sigma=0.1, mode=a.adapter_mode).mode == "loop"
+            else "loop"
+        )
+        adapter = ModuleAdapter(model, "sep-cma", sigma=0.05, popsize=a.population, seed=0, mode=other)
+        fns[f"sep-cma ({other})"] = lambda ad=adapter: ad.step(mse_rows, x, y)
 
     # the reference runs before every strategy, so each ratio compares neighbouring calls
     timed: dict[str, Callable[[], object]] = {}

@@ -10,12 +10,15 @@ into views of each tensor's shape. Each generation:
     strategy.tell(L)                     (the strategy's own update equations)
     model <- strategy.mean               (the distribution mean; the GA's elite)
 
-Two ways to evaluate members:
+Two ways to evaluate members (``mode="auto"``, the default, picks vmap on CUDA, loop on CPU):
 
-* ``mode="vmap"`` (default, faster): ``chunk_size`` members at once in ONE vectorised forward,
-  ``torch.vmap`` over ``torch.func.functional_call`` with the chunk's parameters stacked
-  ``(k, *shape)``; every member sees the same batch. Costs ``k`` copies of the parameters and
-  ``k`` times the activations.
+* ``mode="vmap"``: ``chunk_size`` members at once in ONE vectorised forward, ``torch.vmap`` over
+  ``torch.func.functional_call`` with the chunk's parameters stacked ``(k, *shape)``; every
+  member sees the same batch. Costs ``k`` copies of the parameters and ``k`` times the
+  activations. It batches many small kernels into few, which is what a GPU needs; on a CPU it
+  measured no faster than the loop (1e5-parameter MLP, 128 members x 32 rows, 1 thread: 1.65 s
+  vs 1.60 s per sep-CMA generation; default 4x128 GPT, 16 members x 12 x 64 tokens: 1.32 s vs
+  0.92 s; vmap has no batching rule for CPU flash attention and falls back to a loop there).
 * ``mode="loop"``: members one at a time, each written into the module's parameters, at
   inference memory (the mean is written back afterwards, also when the forward raises).
 
@@ -49,7 +52,7 @@ from . import ASK_TELL
 from .base import Strategy
 from .ga import GA
 
-MODES = ("vmap", "loop")
+MODES = ("auto", "vmap", "loop")
 STRATEGIES: dict[str, type[Strategy]] = {**ASK_TELL, "ga": GA}
 """Ask/tell strategies the adapter can build by name."""
 
@@ -75,7 +78,8 @@ class ModuleAdapter:
             ``dim`` equals the number of trainable parameters.
         sigma, popsize, seed: passed to the strategy when it is built here (``x0`` = the model's
             current weights); ``**strategy_kwargs`` are the strategy's own hyperparameters.
-        mode: ``"vmap"`` (chunks of members in one vectorised forward) or ``"loop"``.
+        mode: ``"vmap"`` (chunks of members in one vectorised forward), ``"loop"`` (one by one),
+            or ``"auto"``: vmap when the parameters are on CUDA, else loop.
         chunk_size: members per vectorised forward in vmap mode (``None``: the whole population).
         cache_elements: let the strategy cache a generation's samples when ``popsize x dim`` is at
             most this many numbers (float64; the default 2^25 is 256 MiB); ``None`` keeps the
@@ -90,7 +94,7 @@ class ModuleAdapter:
         sigma: float | None = None,
         popsize: int | None = None,
         seed: int = 0,
-        mode: str = "vmap",
+        mode: str = "auto",
         chunk_size: int | None = None,
         cache_elements: int | None = 1 << 25,
         **strategy_kwargs: Any,
@@ -128,6 +132,8 @@ class ModuleAdapter:
             # let the strategy keep a generation's standard-normal samples (popsize x dim float64)
             # when they fit, instead of regenerating them in tell(): same numbers, less time
             self.strategy.cache_elements = max(type(self.strategy).cache_elements, int(cache_elements))
+        if mode == "auto":
+            mode = "vmap" if self.space.tensors[0].device.type == "cuda" else "loop"
         self.mode = mode
         self.chunk_size = chunk_size
         self.last_info: dict[str, float] = {}
