@@ -86,6 +86,7 @@ class LMMAES(Strategy):
         self.c_c: Tensor = (lam / (4.0**j * n)).clamp(max=1.0)
         self.M: Tensor = torch.zeros(m, n, dtype=F64)
         self.p_sigma: Tensor = torch.zeros(n, dtype=F64)
+        self._system: tuple | None = None
 
     @property
     def memory(self) -> int:
@@ -94,25 +95,51 @@ class LMMAES(Strategy):
     def transform(self, z: Tensor) -> Tensor:
         """Apply the sequential rank-one transforms to the rows of ``z`` ``(k, n)``: ``d = T(z)``.
 
-        Every transform adds a multiple of one ``M_j``, so ``d = s z + Σ_j β_j M_j``; the recursion
-        runs on the small coefficients (with ``G = M M^T`` and ``z M^T``) and ``d`` is formed with one
-        matrix product, instead of ``m`` passes over a ``k x n`` matrix. Exactly the same map.
+        Every transform adds a multiple of one ``M_j``, so ``d = s z + Σ_j β_j M_j``. Writing the
+        recursion for the coefficients ``β`` gives a unit lower-triangular ``J x J`` system (``J =
+        min(t, m)``) in ``z M^T``: ``d`` costs two ``k x J x n`` matrix products and one small triangular
+        solve instead of ``J`` passes over a ``k x n`` matrix. Exactly the same map.
         """
         used = min(self.generation, self.memory)
         if used == 0:
             return z.clone()
+        M, system, rhs_scale, tail, scale = self._transform_system()
+        beta = torch.linalg.solve_triangular(system, rhs_scale.unsqueeze(1) * (M @ z.T), upper=False)
+        return torch.addmm(z, (tail.unsqueeze(1) * beta).T, M, beta=scale)
+
+    def _transform_system(self) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+        """Per-generation constants of :meth:`transform` (cached: ``M`` is fixed within a generation).
+
+        With ``a_l = 1 - c_d,l`` the transform ``j`` computes ``p_j = d_{j-1}·M_j`` and sets
+        ``β_j = c_d,j p_j``, after which every earlier coefficient is scaled by ``a_j``. Hence
+        ``β_j = c_d,j (Π_{l<j} a_l (z·M_j) + Σ_{i<j} Π_{i<l<j} a_l (M_i·M_j) β_i)``.
+        """
+        key = (self.generation, self.M.data_ptr())
+        if self._system is not None and self._system[0] == key:
+            return self._system[1]
+        used = min(self.generation, self.memory)
         M = self.M[:used]
-        proj_z = z @ M.T  # (k, used): z·M_j
-        gram = M @ M.T
-        scale = 1.0
-        beta = z.new_zeros(z.shape[0], used)
+        c = self.c_d[:used].tolist()
+        a = [1 - x for x in c]
+        ratio = torch.zeros(used, used, dtype=F64)  # ratio[j, i] = Π_{i<l<j} a_l
+        prefix = [1.0] * (used + 1)  # prefix[j] = Π_{l<j} a_l
         for j in range(used):
-            c = float(self.c_d[j])
-            proj = scale * proj_z[:, j] + beta @ gram[:, j]  # d_{j-1}·M_j
-            scale *= 1 - c
-            beta.mul_(1 - c)
-            beta[:, j] += c * proj
-        return torch.addmm(z, beta, M, beta=scale)
+            prefix[j + 1] = prefix[j] * a[j]
+            prod = 1.0
+            for i in range(j - 1, -1, -1):
+                ratio[j, i] = prod
+                prod *= a[i]
+        cvec = torch.tensor(c, dtype=F64)
+        system = torch.eye(used, dtype=F64) - cvec.unsqueeze(1) * (ratio * (M @ M.T))
+        rhs_scale = cvec * torch.tensor(prefix[:used], dtype=F64)
+        tail = torch.tensor(
+            [prefix[used] / prefix[i + 1] if prefix[i + 1] else 0.0 for i in range(used)], dtype=F64
+        )
+        if 0.0 in prefix[1:]:  # some a_l == 0 (c_d = 1, n = 1): products without division
+            tail = torch.tensor([math.prod(a[i + 1 : used]) for i in range(used)], dtype=F64)
+        value = (M, system, rhs_scale, tail, prefix[used])
+        self._system = (key, value)
+        return value
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
         return self.transform(self.standard_normal(members)).mul_(self.sigma).add_(self.mean)
@@ -127,5 +154,6 @@ class LMMAES(Strategy):
         self.M = (1 - cc) * self.M + (self.mu_w * cc * (2 - cc)).sqrt() * z_w
         self.sigma = self.sigma * math.exp(cs / 2 * (float(self.p_sigma.square().sum()) / n - 1))
 
-    def _stop_extra(self) -> dict[str, Any]:
-        return {}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._system = None
