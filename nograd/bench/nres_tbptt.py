@@ -13,6 +13,10 @@ Backprop truncated to a short window sees only the short-term, positive influenc
 ``theta`` the wrong way; NRES, which reuses each worker's noise for its whole episode, follows the
 true episode loss. Both run the same number of windows with the same staggered workers.
 
+Measured with the defaults (T = 200, W = 10, 64 staggered workers, SGD lr 0.002, 200 updates,
+sigma 0.01): the optimum is theta* = -0.0535 with L* = 0.4275 (L(0) = 0.5). NRES ends at
+theta = -0.0467, L = 0.4287; TBPTT ends at theta = +17.7, L = 8027 (it diverges).
+
 Run: ``python -m nograd.bench.nres_tbptt --json`` (or ``nograd bench nres``).
 """
 
