@@ -144,6 +144,7 @@ class Strategy:
         self.tolx_factor: float = 1e-12  # ``tolx = tolx_factor * sigma0``
         self.tolfun: float = 1e-12
         self._cache: tuple[int, Tensor] | None = None
+        self._asked: tuple[int, Tensor] | None = None
 
     # ------------------------------------------------------------------ defaults and hooks
     def default_popsize(self, dim: int) -> int:
@@ -221,7 +222,10 @@ class Strategy:
     # ------------------------------------------------------------------ ask / tell
     def ask(self) -> Tensor:
         """The current population, float64 ``(popsize, dim)``; asking twice returns the same."""
-        return self._candidates(range(self.popsize))
+        X = self._candidates(range(self.popsize))
+        if self.popsize * self.dim <= min(self.cache_elements, 1 << 22):  # remembered for best_x in tell
+            self._asked = (self.generation, X)
+        return X
 
     def member(self, i: int) -> Tensor:
         """Candidate ``i`` of the current generation, regenerated from seeds, float64 ``(dim,)``."""
@@ -244,7 +248,12 @@ class Strategy:
         i_best = int(order[0])
         f_best = float(losses[i_best])
         new_best = f_best < self.best_f
-        x_best = self.member(i_best) if new_best else None
+        x_best = None
+        if new_best:
+            asked = self._asked
+            x_best = (
+                asked[1][i_best].clone() if asked and asked[0] == self.generation else self.member(i_best)
+            )
         self._update(clean, order)
         if new_best:
             self.best_x, self.best_f = x_best, f_best
@@ -254,6 +263,7 @@ class Strategy:
         del self.fbest_history[: -self._history_length()]
         self.generation += 1
         self._cache = None
+        self._asked = None
 
     # ------------------------------------------------------------------ stopping
     def _history_length(self) -> int:
@@ -340,6 +350,7 @@ class Strategy:
             setattr(self, key, value)
         self.noise = SeededNoise(self.seed)
         self._cache = None
+        self._asked = None
 
     def __repr__(self) -> str:
         return (
