@@ -324,3 +324,15 @@ def test_gpt_with_low_rank_noise_keeps_tied_weights():
     assert math.isfinite(loss)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert not torch.equal(model.transformer.wte.weight.detach(), w0)
+
+
+@pytest.mark.parametrize(
+    "module", ["mezo", "sign", "momentum", "adam", "hizoo", "forward_grad", "estimators", "replay"]
+)
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"nograd.zo.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -28,6 +28,7 @@ The optimizers of :mod:`nograd.zo` compose the same estimators with their own up
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -423,7 +424,9 @@ class ForwardGradientEstimator:
             tangent = tuple(
                 self.space.dense(self.noise, i, generation, k).to(p.dtype) for i, p in enumerate(primals)
             )
-            out, dd = torch.func.jvp(f, primals, tangent)
+            with warnings.catch_warnings():  # torch's own one-time jit use when forward AD loads
+                warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+                out, dd = torch.func.jvp(f, primals, tangent)
             value, deriv = to_float(out), to_float(dd)
             del tangent
             if math.isfinite(value):

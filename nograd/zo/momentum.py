@@ -39,8 +39,8 @@ class ZOMomentum(SPSAOptimizer):
     Example:
         >>> import torch, nograd
         >>> w = torch.tensor([3.0, -2.0], requires_grad=True)
-        >>> opt = nograd.ZOMomentum([w], lr=0.01, momentum=0.9, buffer="replay", window=32)
-        >>> for _ in range(200):
+        >>> opt = nograd.ZOMomentum([w], lr=0.01, momentum=0.9, buffer="replay", window=16)
+        >>> for _ in range(100):
         ...     loss = opt.step(lambda: float((w ** 2).sum()))
         >>> bool(loss < 1.0)
         True
