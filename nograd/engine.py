@@ -377,7 +377,7 @@ class BatchedPerturbation:
         a, b = self.space.member_factors(self.noise, i, generation, uniq)
         if where is not None:  # antithetic pairs share a direction: draw it once
             where = where.to(a.device)
-            a, b = a[where], b[where]
+            a, b = a.index_select(0, where), b.index_select(0, where)
         scale = torch.tensor([s for _, s in members], dtype=a.dtype, device=a.device)
         return a * (scale / math.sqrt(self.space.rank)).view(-1, 1, 1), b
 
