@@ -22,8 +22,9 @@ The update ``mu_{t+1} = mu_t + alpha/N sum_i f_i E_i`` is, written as a loss gra
 with ``A*c`` the factors stacked over directions and scaled by their coefficients
 (:func:`nograd.engine.accumulate`). ``g`` goes into ``.grad`` for any torch optimizer (the
 paper's experiments use Adam or SGD), so the summed low-rank perturbations give a full-rank step.
-The paper uses rank ``r = 1`` for most of its experiments (the default here) and shows the
-low-rank update approaches full-rank ES as ``r`` grows, at an ``O(1/r)`` rate.
+The default here is ``r = 1``, the cheapest setting and the reference implementation's noiser
+default; the paper works with small ranks and shows the low-rank update approaches full-rank ES
+as ``r`` grows, at an ``O(1/r)`` rate. (On the char GPT, rank 2 is the trainer's default.)
 
 Example:
     >>> import torch
@@ -74,7 +75,7 @@ class EGGROLL(ModuleES):
     """EGGROLL on a module: rank-r antithetic perturbations on the batched engine.
 
     Args (beyond :class:`~nograd.strategies.module_es.ModuleES`):
-        rank: rank r of each matrix perturbation (>= 1; the paper's default is 1).
+        rank: rank r of each matrix perturbation (>= 1; default 1).
         shaping: ``"zscore"`` (the paper's), ``"centered-ranks"`` or ``"raw"``.
         group_size: for ``"zscore"``: 0 normalises over the population, k > 0 subtracts the
             mean of each group of k consecutive members (2 = each antithetic pair).
