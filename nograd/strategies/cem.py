@@ -1,10 +1,10 @@
 """Cross-Entropy Method with a diagonal Gaussian, smoothed updates and an optional noise floor.
 
 De Boer, Kroese, Mannor & Rubinstein (2005), "A Tutorial on the Cross-Entropy Method", Annals of
-Operations Research 134:19-67 (continuous optimization with normal sampling and smoothed updating,
-their Section 4 / Algorithm 4.1); extra noise after Szita & Lőrincz (2006), "Learning Tetris Using
-the Noisy Cross-Entropy Method", Neural Computation 18(12), where a decreasing ``Z_t`` is added to the
-variance to prevent premature collapse::
+Operations Research 134:19-67 (continuous optimization with normal sampling and smoothed updating);
+extra noise after Szita & Lőrincz (2006), "Learning Tetris Using the Noisy Cross-Entropy Method",
+Neural Computation 18(12), where a decreasing ``Z_t`` is added to the variance to prevent premature
+collapse::
 
     x_k = μ + σ ⊙ z_k,   z_k ~ N(0, I),   k = 1..λ
     E = the ρλ (at least 2) lowest-loss samples ("elites")

@@ -1,6 +1,6 @@
 """Full-covariance CMA-ES (Hansen, "The CMA Evolution Strategy: A Tutorial", arXiv:1604.00772).
 
-Sampling (tutorial eqs. (38)-(40)), with ``C = B D^2 B^T`` and fresh ``z_k ~ N(0, I)``::
+Sampling (tutorial, Section 1 and Appendix A), with ``C = B D^2 B^T`` and fresh ``z_k ~ N(0, I)``::
 
     y_k = B D z_k,   x_k = m + sigma y_k,   k = 1..λ
 

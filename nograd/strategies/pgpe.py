@@ -1,9 +1,8 @@
 """PGPE with symmetric sampling, centered-rank fitness shaping and the ClipUp optimizer.
 
 Sehnke, Osendorfer, Rückstieß, Graves, Peters & Schmidhuber (2010), "Parameter-exploring policy
-gradients", Neural Networks 23(4), Section 2 (symmetric sampling); Toklu, Liskowski & Srivastava
-(2020), "ClipUp: a simple and powerful optimizer for distribution-based policy evolution" (PPSN XVI),
-Algorithm 1.
+gradients", Neural Networks 23(4) (with symmetric sampling); Toklu, Liskowski & Srivastava
+(2020), "ClipUp: a simple and powerful optimizer for distribution-based policy evolution" (PPSN XVI).
 
 Symmetric sampling draws ``P = λ/2`` perturbations ``ε_k = σ ⊙ z_k`` and evaluates the pair
 ``μ + ε_k`` (member ``2k``) and ``μ - ε_k`` (member ``2k+1``, see :func:`nograd.noise.mirrored`).

@@ -2,8 +2,7 @@
 
 Ros & Hansen (2008), "A Simple Modification in CMA-ES Achieving Linear Time and Space Complexity"
 (PPSN X). ``C`` is restricted to its diagonal ``c`` (the update below is the diagonal of the
-full CMA-ES update), which lets the covariance learning rates grow by the factor ``(n + 2) / 3``
-(their Section 3)::
+full CMA-ES update), which lets the covariance learning rates grow by the factor ``(n + 2) / 3``::
 
     c_1' = c_1 (n + 2) / 3,      c_μ' = min(1 - c_1', c_μ (n + 2) / 3)
 

@@ -1,7 +1,7 @@
 """SNES: separable natural evolution strategy (diagonal Gaussian, natural-gradient updates).
 
 Schaul, Glasmachers & Schmidhuber (2011), "High Dimensions and Heavy Tails for Natural Evolution
-Strategies" (GECCO), Algorithm 2 (SNES) with the default parameters of their Table 1::
+Strategies" (GECCO): SNES with the paper's default parameters::
 
     λ = 4 + floor(3 ln n),   η_μ = 1,   η_σ = (3 + ln n) / (5 sqrt(n))
     utilities (rank k = 1 is the lowest loss):
