@@ -199,6 +199,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- replay
+
+
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="the initial weights (e.g. trajectory.jsonl.init.pt)")
+    p.add_argument("--log", required=True, help="trajectory.jsonl written with --opt trajectory=auto|PATH")
+    p.add_argument("--out", required=True, help="where to write the replayed weights")
+
+
+@command(
+    "replay", "rebuild a ZO run's final weights from its initial weights and trajectory log", _replay_args
+)
+def cmd_replay(args: argparse.Namespace) -> int:
+    from nograd.zo.replay import replay_command
+
+    try:
+        result = replay_command(args.checkpoint, args.log, args.out)
+    except (ValueError, OSError) as e:  # a damaged log or an unreadable file
+        raise UsageError(f"replay: {e}") from None
+    applied, steps, tensors = result["applied"], result["steps"], result["tensors"]
+    print(f"replayed {applied} of {steps} steps onto {tensors} tensors -> {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- optimizers
 
 

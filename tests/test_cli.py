@@ -105,3 +105,36 @@ def test_sample_from_checkpoint(tmp_path, capsys):
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 30 + 1
     assert main(["sample", "--checkpoint", ckpt, "--prompt", "\u00e9"]) == 2  # not in the vocabulary
     assert "vocabulary" in capsys.readouterr().err
+
+
+def test_replay_command_rebuilds_a_mezo_run(tmp_path, capsys):
+    """`nograd train --opt trajectory=auto` then `nograd replay`: the final weights, bit for bit."""
+    import torch
+
+    from nograd.checkpoint import load_checkpoint
+
+    cfg = tiny_config(tmp_path, optimizer="mezo", lr=1e-3, opts={"trajectory": "auto"})
+    train(cfg)
+    log = tmp_path / "run" / "trajectory.jsonl"
+    out = tmp_path / "replayed.pt"
+    assert main(["replay", "--checkpoint", f"{log}.init.pt", "--log", str(log), "--out", str(out)]) == 0
+    assert "replayed 6 of 6 steps" in capsys.readouterr().out
+    final = torch.load(out, weights_only=True)
+    trained = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
+    for name, tensor in trained.items():
+        assert torch.equal(final[name], tensor), name
+
+
+def test_replay_command_bad_log(tmp_path):
+    log = tmp_path / "t.jsonl"
+    log.write_text("not json\n")
+    r = run_cli(
+        "replay",
+        "--checkpoint",
+        str(tmp_path / "none.pt"),
+        "--log",
+        str(log),
+        "--out",
+        str(tmp_path / "o.pt"),
+    )
+    _assert_usage_error(r)
