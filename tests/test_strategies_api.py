@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nograd.functions import (
     FUNCTIONS,
@@ -295,3 +297,20 @@ def test_functions_optima_and_shapes() -> None:
         optimum("nope", 3)
     with pytest.raises(ValueError):
         sphere(torch.zeros(2, 2, 2))
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=8, deadline=None)
+@given(
+    scale=st.floats(1e-3, 1e3),
+    shift=st.floats(-1e3, 1e3),
+    power=st.sampled_from([1.0, 0.5, 3.0]),
+)
+def test_invariant_to_increasing_transformations_of_the_loss(name: str, scale, shift, power) -> None:
+    """Every strategy here is rank-based: a strictly increasing g(f) gives the very same run."""
+    a, b = make(name, dim=8), make(name, dim=8)
+    for _ in range(4):
+        f = sphere(a.ask())
+        a.tell(f)
+        b.tell(scale * f**power + shift)
+    assert torch.equal(a.mean, b.mean) and a.sigma == b.sigma
