@@ -75,6 +75,9 @@ class Method(Protocol):
 
 BuildFn = Callable[[nn.Module, LossFn, "TrainConfig"], Method]
 
+OUTER_OPTIMIZERS = ("adamw", "adam", "sgd", "muon")
+"""Update rules an ES method can apply to its gradient estimate (``--outer``)."""
+
 
 @dataclass(frozen=True)
 class MethodInfo:

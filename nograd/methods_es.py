@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from nograd.errors import UsageError
-from nograd.methods import LossFn, StepResult, parse_opts, register_method
+from nograd.methods import OUTER_OPTIMIZERS, LossFn, StepResult, parse_opts, register_method
 from nograd.strategies.eggroll import EGGROLL
 from nograd.strategies.module_adapter import ModuleAdapter
 from nograd.strategies.module_es import ModuleES
@@ -46,7 +46,7 @@ from nograd.strategies.openai_es import OpenAIES
 if TYPE_CHECKING:
     from nograd.train import TrainConfig
 
-OUTERS = ("adamw", "adam", "sgd", "muon")
+OUTERS = OUTER_OPTIMIZERS
 
 # method -> defaults for cfg fields left None; "lr" is the method's registered default_lr.
 # eggroll's were checked briefly on shakespeare-char (default 4x128 GPT, B=12, T=64): population 64,

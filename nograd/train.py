@@ -30,7 +30,7 @@ import torch
 
 from nograd.checkpoint import load_checkpoint, save_checkpoint
 from nograd.errors import UsageError
-from nograd.methods import get_method
+from nograd.methods import OUTER_OPTIMIZERS, get_method
 from nograd.models.gpt import ATTENTION_KINDS
 from nograd.plot import plot_metrics
 from nograd.tasks import TASKS, build_task
@@ -119,8 +119,10 @@ class TrainConfig:
             positive(name, getattr(self, name))
         positive("sigma", self.sigma)
         positive("eps", self.eps)
-        if self.outer is not None:
-            get_method(self.outer)
+        need(
+            self.outer is None or self.outer in OUTER_OPTIMIZERS,
+            f"unknown --outer {self.outer!r} (choose from {', '.join(OUTER_OPTIMIZERS)})",
+        )
         positive("sample_chars", self.sample_chars, allow_none=False, zero=True)
         need(
             self.device == "cpu" or self.device.startswith(("cuda", "mps")),

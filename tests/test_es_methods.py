@@ -129,3 +129,13 @@ def test_es_bench_reports_ratios():
     assert "cma" in out["skipped"]
     for r in out["strategies"].values():
         assert r["ratio"] > 0 and r["seconds_per_generation"] > 0
+
+
+@pytest.mark.parametrize("outer", ["adam", "sgd"])
+def test_outer_names_accepted_by_the_config(outer: str) -> None:
+    TrainConfig(optimizer="eggroll", outer=outer).validate()
+
+
+def test_unknown_outer_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="--outer 'lion'"):
+        TrainConfig(optimizer="eggroll", outer="lion").validate()

@@ -43,7 +43,7 @@ def test_schedule_warmup_then_cosine_to_a_tenth():
         (dict(dropout=1.0), "--dropout"),
         (dict(sigma=0.0), "--sigma"),
         (dict(population=-4), "--population"),
-        (dict(outer="nope"), "unknown optimizer"),
+        (dict(outer="nope"), "unknown --outer"),
         (dict(min_lr_ratio=2.0), "--min-lr-ratio"),
     ],
 )
