@@ -178,6 +178,13 @@ def accumulate(
         raise ValueError(f"into must be 'grad' or 'update', got {into!r}")
     if into == "update" and lr is None:
         raise ValueError("accumulate(into='update') needs lr")
+
+    def use(p: torch.Tensor, g: torch.Tensor) -> None:
+        if into == "grad":
+            p.grad = g.to(p.dtype)
+        else:  # scaled in float32 so a low-precision weight is rounded once per step
+            p.sub_((g * lr).to(p.dtype))
+
     with torch.no_grad():
         for i, p in enumerate(space.tensors):
             if space.lowrank[i] and len(coefficients) > 1:
@@ -185,36 +192,21 @@ def accumulate(
                 a, b = space.member_factors(noise, i, generation, [d for d, _ in coefficients])
                 c = torch.tensor([c for _, c in coefficients], dtype=a.dtype, device=a.device)
                 a = (a * c.view(-1, 1, 1)).transpose(0, 1).flatten(1)  # (out, k*r)
-                g = (a @ b.transpose(0, 1).flatten(1).T).div_(math.sqrt(space.rank)).view(p.shape)
-                if into == "grad":
-                    p.grad = g.to(p.dtype)
-                else:
-                    p.add_(g.to(p.dtype), alpha=-lr)
-                continue
-            if not space.lowrank[i] and p.numel() <= SMALL and len(coefficients) > 1:
+                use(p, (a @ b.transpose(0, 1).flatten(1).T).div_(math.sqrt(space.rank)).view(p.shape))
+            elif not space.lowrank[i] and p.numel() <= SMALL and len(coefficients) > 1:
                 # small dense tensors (biases, norms): all directions from grouped draws, one matvec
                 e = space.member_dense(noise, i, generation, [d for d, _ in coefficients])
                 c = torch.tensor([c for _, c in coefficients], dtype=e.dtype, device=e.device)
-                g = torch.tensordot(c, e, dims=1)
-                if into == "grad":
-                    p.grad = g.to(p.dtype)
-                else:
-                    p.sub_((g * lr).to(p.dtype))
-                continue
-            if into == "grad":
-                g = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                for d, c in coefficients:
-                    space.add_direction_(noise, i, generation, d, c, g)
-                p.grad = g.to(p.dtype)
-            elif p.dtype == torch.float32:
+                use(p, torch.tensordot(c, e, dims=1))
+            elif into == "update" and p.dtype == torch.float32:
+                # straight into the weights, block by block: no tensor-sized buffer
                 for d, c in coefficients:
                     space.add_direction_(noise, i, generation, d, -lr * c, p.data)
             else:
-                # accumulate in float32 so a low-precision weight is rounded once per step
                 g = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 for d, c in coefficients:
                     space.add_direction_(noise, i, generation, d, c, g)
-                p.sub_((g * lr).to(p.dtype))
+                use(p, g)
 
 
 def _unique_directions(members: Sequence[Direction]) -> tuple[list[int], torch.Tensor | None]:
