@@ -425,11 +425,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def sync_noise(self) -> None:
         """Make the estimator draw the optimizer's noise (after construction or a state load)."""
-        est = self.estimator
-        if est is not None:
-            est.noise = self.noise
-            if getattr(est, "perturbation", None) is not None:
-                est.perturbation.noise = self.noise
+        if self.estimator is not None:
+            self.estimator.use_noise(self.noise)
 
     def group_eps(self) -> list[float]:
         """The perturbation size of each tensor (its group's ``eps``)."""

@@ -54,7 +54,49 @@ def _space(params: Any, noise_rank: int) -> ParamSpace:
     return params if isinstance(params, ParamSpace) else ParamSpace(params, rank=noise_rank)
 
 
-class SPSAEstimator:
+class _SeededEstimator:
+    """What every estimator shares: a step counter keying the noise, the ``.grad`` write, the state."""
+
+    space: Any
+    noise: SeededNoise
+    step_count: int
+    last_info: dict[str, float]
+
+    @property
+    def seed(self) -> int:
+        return self.noise.seed
+
+    def evaluate(self, objective: Any, generation: int) -> Evaluation:  # pragma: no cover
+        raise NotImplementedError
+
+    def coefficients(self, evaluation: Evaluation) -> list[tuple[int, float]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def estimate(self, objective: Any) -> float:
+        """Write the estimate into each trainable tensor's ``.grad``; return the loss."""
+        generation = self.step_count
+        try:
+            ev = self.evaluate(objective, generation)
+        except NonFiniteFitnessError:
+            self.step_count += 1
+            raise
+        accumulate(self.space, self.noise, generation, self.coefficients(ev), into="grad")
+        self.step_count += 1
+        self.last_info = {"loss": ev.loss, "nonfinite": float(ev.nonfinite), "forwards": float(ev.forwards)}
+        return ev.loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_count, "seed": self.noise.seed, "distribution": self.noise.distribution}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step"])
+        self.use_noise(SeededNoise(int(state["seed"]), str(state["distribution"])))
+
+    def use_noise(self, noise: SeededNoise) -> None:
+        self.noise = noise
+
+
+class SPSAEstimator(_SeededEstimator):
     """SPSA / MeZO gradient estimate from 2n (two-sided) or n+1 (one-sided) forward passes.
 
     Args:
@@ -112,10 +154,6 @@ class SPSAEstimator:
         self.perturbation = InPlacePerturbation(self.view, self.noise, module=module)  # type: ignore[arg-type]
         self.step_count = 0
         self.last_info: dict[str, float] = {}
-
-    @property
-    def seed(self) -> int:
-        return self.noise.seed
 
     def _loss_at(self, closure: Closure, generation: int, direction: int, sign: float) -> float:
         with torch.no_grad(), self.perturbation.apply(generation, direction, sign):
@@ -205,26 +243,8 @@ class SPSAEstimator:
         n = len(evaluation.directions)
         return [(d, diff / e / n) for d, diff in zip(evaluation.directions, evaluation.diffs)]
 
-    def estimate(self, closure: Closure) -> float:
-        """Write the estimate into each trainable tensor's ``.grad``; return the loss."""
-        generation = self.step_count
-        try:
-            ev = self.evaluate(closure, generation)
-        except NonFiniteFitnessError:
-            self.step_count += 1
-            raise
-        accumulate(self.space, self.noise, generation, self.coefficients(ev), into="grad")
-        self.step_count += 1
-        self.last_info = {"loss": ev.loss, "nonfinite": float(ev.nonfinite), "forwards": float(ev.forwards)}
-        return ev.loss
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_count, "seed": self.noise.seed, "distribution": self.noise.distribution}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = int(state["step"])
-        self.noise = SeededNoise(int(state["seed"]), str(state["distribution"]))
-        self.perturbation.noise = self.noise
+    def use_noise(self, noise: SeededNoise) -> None:
+        self.noise = self.perturbation.noise = noise
 
 
 # ------------------------------------------------------------------------------------ HiZOO
@@ -344,7 +364,7 @@ class _Caller(nn.Module):
         return self.fn(self.inner)
 
 
-class ForwardGradientEstimator:
+class ForwardGradientEstimator(_SeededEstimator):
     """Forward gradient ``g = (1/k) sum_k (grad f . v_k) v_k`` (Baydin et al. 2022, arXiv 2202.08587).
 
     ``grad f . v`` is computed exactly (to float precision) by forward-mode AD:
@@ -392,10 +412,6 @@ class ForwardGradientEstimator:
             self.names = ["inner." + by_id[id(p)] for p in self.space.tensors]
         self.step_count = 0
         self.last_info: dict[str, float] = {}
-
-    @property
-    def seed(self) -> int:
-        return self.noise.seed
 
     def _function(self, fn: Callable[[Any], Any]) -> Callable[..., torch.Tensor]:
         if self.module is None:
@@ -446,26 +462,6 @@ class ForwardGradientEstimator:
     def coefficients(self, evaluation: Evaluation) -> list[tuple[int, float]]:
         n = len(evaluation.directions)
         return [(d, v / n) for d, v in zip(evaluation.directions, evaluation.diffs)]
-
-    def estimate(self, fn: Callable[[Any], Any]) -> float:
-        """Write the forward gradient into ``.grad``; return ``f(theta)``."""
-        generation = self.step_count
-        try:
-            ev = self.evaluate(fn, generation)
-        except NonFiniteFitnessError:
-            self.step_count += 1
-            raise
-        accumulate(self.space, self.noise, generation, self.coefficients(ev), into="grad")
-        self.step_count += 1
-        self.last_info = {"loss": ev.loss, "nonfinite": float(ev.nonfinite), "forwards": float(ev.forwards)}
-        return ev.loss
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_count, "seed": self.noise.seed, "distribution": self.noise.distribution}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = int(state["step"])
-        self.noise = SeededNoise(int(state["seed"]), str(state["distribution"]))
 
 
 def _as_scalar(value: Any) -> torch.Tensor:
