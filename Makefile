@@ -17,15 +17,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# The main job: a char GPT trained on Tiny Shakespeare by EGGROLL, forward passes only
-# (population 256, rank-1 perturbations, one batched forward per generation), for 3 minutes on
-# one CPU thread; it ends with a text sample and $(DEMO_OUT)/loss.png. `make demo-adamw` runs the
-# gradient baseline on nanoGPT's "baby" settings for comparison.
+# The main job: a char GPT trained on Tiny Shakespeare by EGGROLL, forward passes only, with the
+# best settings found so far (BENCHMARKS.md): a 1-layer, 32-wide GPT, population 256, rank-1
+# perturbations in one batched forward per generation, Adam lr 3e-3 on a cosine over the steps that
+# fit in DEMO_MINUTES on one CPU thread (about 190 per minute here). It ends with a text sample and
+# $(DEMO_OUT)/loss.png; `make demo DEMO_MINUTES=30` is the 30-minute run of BENCHMARKS.md.
+# `make demo-adamw` runs the gradient baseline on nanoGPT's "baby" settings for comparison.
+DEMO_MINUTES ?= 3
+DEMO_STEPS_PER_MINUTE ?= 190
 demo: install
-	OMP_NUM_THREADS=1 $(VENV)/bin/nograd train --task shakespeare-char --optimizer eggroll \
-		--n-layer 2 --n-head 4 --n-embd 64 --block-size 32 --batch-size 8 \
-		--population 256 --rank 1 --sigma 0.01 --lr 0.01 --warmup 10 --lr-decay-steps 600 \
-		--steps 100000 --budget-minutes 3 --eval-every 25 --out $(DEMO_OUT) \
+	$(VENV)/bin/nograd train --task shakespeare-char --optimizer eggroll --threads 1 \
+		--n-layer 1 --n-head 4 --n-embd 32 --block-size 32 --batch-size 8 \
+		--population 256 --rank 1 --sigma 0.01 --lr 3e-3 --warmup 10 \
+		--lr-decay-steps $$(( $(DEMO_MINUTES) * $(DEMO_STEPS_PER_MINUTE) )) \
+		--steps 1000000 --budget-minutes $(DEMO_MINUTES) --eval-every 25 --out $(DEMO_OUT) \
 		$(if $(DATA),--data $(DATA))
 
 demo-adamw: install

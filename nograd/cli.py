@@ -104,6 +104,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--data", help="Tiny Shakespeare text file (default: $NOGRAD_DATA, cache, download)")
     g.add_argument("--device", help="cpu or cuda (default: cpu)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: one per core; 1 is often fastest for small models)",
+    )
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bar or eval lines")
     g.add_argument("--sample-chars", type=int, help="characters of the final sample (default: 300)")
     g = p.add_argument_group("model")

@@ -51,6 +51,7 @@ class TrainConfig:
     resume: str | None = None  # checkpoint to continue from ("auto": <out>/checkpoint.pt)
     data: str | None = None  # data file; default $NOGRAD_DATA, the cache, or a download
     device: str = "cpu"
+    threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -102,6 +103,7 @@ class TrainConfig:
         positive("eval_every", self.eval_every, allow_none=False)
         positive("eval_batches", self.eval_batches, allow_none=False)
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        positive("threads", self.threads)
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size"):
             positive(name, getattr(self, name), allow_none=False)
         need(
@@ -143,6 +145,7 @@ RUN_CONTROL_FIELDS = (
     "resume",
     "data",
     "device",
+    "threads",
     "quiet",
     "sample_chars",
 )
@@ -286,6 +289,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda *a, **k: None) if cfg.quiet else print
     device = torch.device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
 
     info = get_method(cfg.optimizer)
     torch.manual_seed(cfg.seed)

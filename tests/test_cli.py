@@ -70,6 +70,7 @@ def test_more_user_errors_in_process(tmp_path, capsys):
         ["train", "--data", data, "--n-embd", "30", "--n-head", "4"],
         ["train", "--data", data, "--opt", "bogus=1", "--steps", "1", "--out", str(tmp_path / "o")],
         ["train", "--data", data, "--no-such-flag"],
+        ["train", "--data", data, "--threads", "0"],
         ["sample", "--checkpoint", str(tmp_path / "none.pt")],
         ["frobnicate"],
         [],
@@ -80,6 +81,18 @@ def test_more_user_errors_in_process(tmp_path, capsys):
         assert "Traceback" not in err
         if argv:
             assert err.count("\n") == 1 and err.startswith("nograd: error: "), (argv, err)
+
+
+def test_threads_flag_sets_torch_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # so that the flag has something to change
+        train(tiny_config(tmp_path, steps=1, threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_parse_opt():
