@@ -21,7 +21,8 @@ install: $(VENV)/.installed
 # best settings found so far (BENCHMARKS.md): a 1-layer, 32-wide GPT, population 256, rank-1
 # perturbations in one batched forward per generation, Adam lr 3e-3 on a cosine over the steps that
 # fit in DEMO_MINUTES on one CPU thread (about 190 per minute here). It ends with a text sample and
-# $(DEMO_OUT)/loss.png; `make demo DEMO_MINUTES=30` is the 30-minute run of BENCHMARKS.md.
+# $(DEMO_OUT)/loss.png. `make demo DEMO_MINUTES=30` repeats the best 30-minute run of BENCHMARKS.md
+# (that run decayed over 5600 steps; this gives 5700).
 # `make demo-adamw` runs the gradient baseline on nanoGPT's "baby" settings for comparison.
 DEMO_MINUTES ?= 3
 DEMO_STEPS_PER_MINUTE ?= 190
