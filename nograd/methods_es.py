@@ -46,8 +46,6 @@ from nograd.strategies.openai_es import OpenAIES
 if TYPE_CHECKING:
     from nograd.train import TrainConfig
 
-OUTERS = OUTER_OPTIMIZERS
-
 # method -> defaults for cfg fields left None; "lr" is the method's registered default_lr.
 # eggroll's come from 4-minute runs on shakespeare-char (1-layer GPT, B=8, T=32, one CPU thread,
 # BENCHMARKS.md): Adam lr 3e-3 beat 1e-2, 3e-2 and 1e-3; rank 1 beat rank 4 per second; sigma
@@ -115,8 +113,10 @@ def _outer_optimizers(
     from nograd.baselines import adamw_groups, muon_split
 
     outer = cfg.outer or "adamw"
-    if outer not in OUTERS:
-        raise UsageError(f"--outer {outer!r} is not supported by {method} (choose from {', '.join(OUTERS)})")
+    if outer not in OUTER_OPTIMIZERS:
+        raise UsageError(
+            f"--outer {outer!r} is not supported by {method} (choose from {', '.join(OUTER_OPTIMIZERS)})"
+        )
     wd = 0.0 if cfg.weight_decay is None else float(cfg.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     betas = (o["beta1"], o["beta2"])
