@@ -424,11 +424,15 @@ class BatchedPerturbation:
             db = dense(bi).unsqueeze(1).to(o.dtype) if bi is not None else None
             if wi is not None and space.lowrank[wi]:
                 a, b = factors(wi)
-                xb, at = torch.bmm(x, b.to(x.dtype)), a.transpose(1, 2).to(x.dtype)
+                # (xB)^T = B^T x^T: on CPU this batched matrix-vector form is about twice as fast,
+                # given B^T with standard strides (.contiguous() keeps odd ones when r == 1)
+                bt = b.transpose(1, 2).to(x.dtype).clone(memory_format=torch.contiguous_format)
+                bx = torch.bmm(bt, x.transpose(1, 2))  # (P, r, rows)
+                at = a.transpose(1, 2).to(x.dtype)
                 if db is not None:  # the bias rides along as one more rank: [xB, 1] [A^T; db]
-                    xb = torch.cat([xb, xb.new_ones(*xb.shape[:2], 1)], dim=2)
+                    bx = torch.cat([bx, bx.new_ones(bx.shape[0], 1, bx.shape[2])], dim=1)
                     at, db = torch.cat([at, db], dim=1), None
-                o.baddbmm_(xb, at)
+                o.baddbmm_(bx.transpose(1, 2), at)
             elif wi is not None:
                 o.baddbmm_(x, dense(wi).transpose(1, 2).to(x.dtype))
             if db is not None:

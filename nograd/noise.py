@@ -62,6 +62,10 @@ def derive_key(*parts: int) -> int:
     return h >> 1
 
 
+def _consecutive(xs: list[int]) -> bool:
+    return xs == list(range(xs[0], xs[0] + len(xs)))
+
+
 def mirrored(member: int) -> tuple[int, float]:
     """Antithetic pairing: members 2k and 2k+1 use direction k with signs +1 and -1."""
     return member // 2, (1.0 if member % 2 == 0 else -1.0)
@@ -165,14 +169,20 @@ class SeededNoise:
                     for m in members
                 ]
             )
-        ids = torch.as_tensor(list(members), dtype=torch.long)
-        groups = ids // GROUP
+        ids = list(members)
+        positions: dict[int, list[int]] = {}  # group -> positions of its members in ``ids``
+        for pos, m in enumerate(ids):
+            positions.setdefault(m // GROUP, []).append(pos)
         out = torch.empty(len(ids), n, device=device, dtype=torch.float32)
         draw = torch.empty(GROUP, n, device=device, dtype=torch.float32)
-        for g in groups.unique().tolist():
+        for g, pos in positions.items():
             self._draw(draw.view(-1), derive_key(self.seed, generation, g, index, _GROUP_TAG))
-            sel = (groups == g).nonzero().flatten()
-            out.index_copy_(0, sel.to(device), draw.index_select(0, (ids[sel] % GROUP).to(device)))
+            rows = [ids[p] % GROUP for p in pos]
+            if _consecutive(pos) and _consecutive(rows):  # the usual case: a slice, no index ops
+                out[pos[0] : pos[0] + len(pos)] = draw[rows[0] : rows[0] + len(rows)]
+            else:
+                where = torch.tensor(pos, device=device)
+                out.index_copy_(0, where, draw.index_select(0, torch.tensor(rows, device=device)))
         return out.view(len(ids), *shape)
 
     def full_chunks(

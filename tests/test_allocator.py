@@ -25,6 +25,7 @@ for _ in range(16):  # like a training step: the same few activations made, writ
 print(json.dumps({"applied": applied, "faults": faults}))
 """
 
+
 def _is_glibc() -> bool:
     try:
         return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")

@@ -98,6 +98,10 @@ def test_small_tensor_noise_same_alone_or_stacked():
     a1, b1 = noise.lowrank(6, 4, 2, generation=9, member=33, index=2)
     assert torch.equal(a[2], a1) and torch.equal(b[2], b1)
     assert not torch.equal(stacked[0], stacked[1])
+    run = list(range(30, 70))  # in order, across two group boundaries: copied as slices
+    stacked = noise.members((3,), generation=9, members=run, index=1)
+    for row, m in zip(stacked, run):
+        assert torch.equal(row, noise.full((3,), generation=9, member=m, index=1))
 
 
 def test_noise_same_across_processes():
