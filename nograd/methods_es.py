@@ -65,7 +65,14 @@ ES_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 ES_METHODS = tuple(ES_DEFAULTS)
 
-_MODULE_ES_OPTS = {"mode": "batched", "chunk": 0, "inplace_sgd": False, "beta1": 0.9, "beta2": 0.999}
+_MODULE_ES_OPTS = {
+    "mode": "batched",
+    "chunk": 0,
+    "inplace_sgd": False,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "noise": "gaussian",
+}
 ES_OPTS: dict[str, dict[str, Any]] = {
     "eggroll": {**_MODULE_ES_OPTS, "shaping": "zscore", "group_size": 0},
     "openai-es": {**_MODULE_ES_OPTS, "shaping": "centered-ranks"},
@@ -225,6 +232,7 @@ def _build_module_es(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, method
         "lr": cfg.lr if o["inplace_sgd"] else None,
         "seed": cfg.seed,
         "mode": o["mode"],
+        "noise": o["noise"],
     }
     try:
         if method == "nres":

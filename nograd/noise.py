@@ -20,6 +20,16 @@ visited, or how many processes share the work: distributed ES can exchange
 seeds and fitness values only. Numbers are reproducible per device type (the
 CPU and CUDA generators differ), and always drawn in float32, then cast.
 
+``"gaussian-table"`` trades some independence for speed, as the shared noise table of
+Salimans et al. (2017, "Evolution Strategies as a Scalable Alternative to Reinforcement
+Learning") does: once per seed and device, ``TABLE_SIZE`` Gaussian numbers are drawn (themselves
+keyed as above), and a block's noise is the slice of that table at an offset given by the block's
+key. Drawing is then a copy (about 7x cheaper than ``normal_`` on the 2-core CPU) and all the above
+still holds, but two blocks of ``n`` numbers overlap with probability about ``2 n /
+TABLE_SIZE`` (3% for whole blocks) and the table costs ``4 * TABLE_SIZE`` bytes (64 MiB) per
+device. Good for dense ES on models up to a few million parameters; not for MeZO at
+inference memory.
+
 Example:
     >>> noise = SeededNoise(seed=0)
     >>> a = noise.full((3, 4), generation=1, member=2, index=0)
@@ -42,7 +52,10 @@ BLOCK = 1 << 18  # elements per independently keyed block of a tensor's noise
 GROUP = 32  # members whose noise for a small tensor comes from one draw
 SMALL = BLOCK // GROUP  # tensors up to this many elements are drawn GROUP members at a time
 _GROUP_TAG = (1 << 64) - 1  # stands where a block number would, so group keys never equal block keys
-DISTRIBUTIONS = ("gaussian", "rademacher")
+DISTRIBUTIONS = ("gaussian", "rademacher", "gaussian-table")
+TABLE_SIZE = 1 << 24  # numbers in the "gaussian-table" noise table
+_TABLE_TAG = (1 << 64) - 2  # the table's own key, never a generation/member/index/block key
+_tables: dict[tuple[int, str], torch.Tensor] = {}  # (seed, device) -> table, shared by instances
 
 _MASK64 = (1 << 64) - 1
 
@@ -72,7 +85,8 @@ def mirrored(member: int) -> tuple[int, float]:
 
 
 class SeededNoise:
-    """Deterministic Gaussian or Rademacher noise keyed by (seed, generation, member, index)."""
+    """Deterministic noise keyed by (seed, generation, member, index): Gaussian, Rademacher, or
+    Gaussian read from a seeded table (``"gaussian-table"``, see the module docstring)."""
 
     def __init__(self, seed: int = 0, distribution: str = "gaussian", threads: int | None = None) -> None:
         if distribution not in DISTRIBUTIONS:
@@ -101,7 +115,22 @@ class SeededNoise:
             self._generators[name] = g
         return g.manual_seed(key)
 
+    def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The ``"gaussian-table"`` table for this seed on ``device`` (made on first use)."""
+        device = torch.device(device)
+        name = (self.seed, str(device))
+        if name not in _tables:
+            plain = SeededNoise(self.seed, "gaussian", self.threads)
+            t = torch.empty(TABLE_SIZE, device=device, dtype=torch.float32)
+            _tables[name] = plain.fill_(t, generation=0, member=0, index=_TABLE_TAG)
+        return _tables[name]
+
     def _draw(self, out: torch.Tensor, key: int, generator: torch.Generator | None = None) -> None:
+        if self.distribution == "gaussian-table":
+            n = out.numel()
+            start = key % (TABLE_SIZE - n + 1)
+            out.copy_(self.table(out.device)[start : start + n].view(out.shape))
+            return
         g = generator.manual_seed(key) if generator is not None else self._generator(out.device, key)
         if self.distribution == "gaussian":
             out.normal_(generator=g)

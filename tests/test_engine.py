@@ -18,7 +18,7 @@ from nograd.engine import (
     evaluate_population,
     member_directions,
 )
-from nograd.noise import BLOCK, SeededNoise, mirrored
+from nograd.noise import BLOCK, TABLE_SIZE, SeededNoise, mirrored
 from nograd.shaping import NonFiniteFitnessError, centered_ranks, sanitize, shape, zscore
 
 
@@ -68,8 +68,9 @@ def materialised(
 
 
 # ---------------------------------------------------------------- noise
-def test_noise_independent_of_chunking_and_order():
-    noise = SeededNoise(seed=5)
+@pytest.mark.parametrize("distribution", ["gaussian", "gaussian-table"])
+def test_noise_independent_of_chunking_and_order(distribution: str):
+    noise = SeededNoise(seed=5, distribution=distribution)
     n = 3 * BLOCK + 123
     whole = noise.full((n,), generation=2, member=7, index=4)
     for chunk_blocks in (1, 2, 5):
@@ -80,7 +81,7 @@ def test_noise_independent_of_chunking_and_order():
             ]
         )
         assert torch.equal(parts, whole)
-    single = SeededNoise(seed=5, threads=1).full((n,), generation=2, member=7, index=4)
+    single = SeededNoise(5, distribution, threads=1).full((n,), generation=2, member=7, index=4)
     assert torch.equal(single, whole)
     # visiting other members first changes nothing
     noise.full((50,), generation=2, member=3, index=4)
@@ -127,6 +128,24 @@ def test_noise_distributions():
     assert a.shape == (7, 3) and b.shape == (5, 3)
     with pytest.raises(ValueError, match="distribution"):
         SeededNoise(0, "uniform")
+
+
+def test_table_noise_is_slices_of_one_seeded_table():
+    noise = SeededNoise(4, "gaussian-table")
+    table = noise.table()
+    assert table.shape == (TABLE_SIZE,) and abs(table.mean()) < 0.01 and abs(table.std() - 1) < 0.01
+    assert SeededNoise(4, "gaussian-table").table() is table  # one table per seed and device
+    assert not torch.equal(SeededNoise(5, "gaussian-table").table()[:100], table[:100])
+    # each block is the table's slice at an offset given by the block's key
+    n = BLOCK + 10
+    z = noise.full((n,), generation=3, member=1, index=2)
+    for block, start in ((0, 0), (1, BLOCK)):
+        size = min(BLOCK, n - start)
+        offset = noise.key(3, 1, 2, block) % (TABLE_SIZE - size + 1)
+        assert torch.equal(z[start : start + size], table[offset : offset + size])
+    # other members, generations and tensors read elsewhere
+    assert not torch.equal(noise.full((n,), generation=3, member=2, index=2), z)
+    assert not torch.equal(noise.full((n,), generation=4, member=1, index=2), z)
 
 
 def test_antithetic_pairs_are_exact_negatives():
@@ -298,7 +317,7 @@ def _quadratic(dim: int = 6):
     return theta, f, true_grad
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "gaussian-table"])
 def test_spsa_estimate_unbiased_on_quadratic(distribution: str):
     """Two-sided SPSA: g = (f(t + s z) - f(t - s z)) / (2 s) * z, E[g] = grad f for E[z z^T] = I."""
     theta, f, true_grad = _quadratic()

@@ -103,6 +103,17 @@ def test_eggroll_reduces_loss_on_a_fixed_batch():
     assert end < start - 0.3, (start, end)
 
 
+def test_table_noise_option_reaches_the_strategy():
+    model = tiny_gpt()
+    method = get_method("openai-es").build(
+        model, per_example_loss, cfg_for("openai-es", opts={"noise": "gaussian-table"})
+    )
+    assert method.es.noise.distribution == "gaussian-table"
+    method.step(*batch(), 1.0)
+    with pytest.raises(UsageError, match="noise"):
+        get_method("eggroll").build(model, per_example_loss, cfg_for("eggroll", opts={"noise": "uniform"}))
+
+
 def test_bad_options_are_usage_errors():
     model = tiny_gpt()
     with pytest.raises(UsageError):

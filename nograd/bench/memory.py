@@ -10,7 +10,9 @@ weights dominate memory) and does one thing once:
 What a step *adds* is ``peak - memory after imports``: peak RSS on CPU (``ru_maxrss``),
 ``torch.cuda.max_memory_allocated`` on GPU. ``memory_ratio`` = step / inference.
 ``time_ratio`` = a MeZO step's time / the time of two inference forwards, timed interleaved in
-one process (medians); ``time_ratio_rank1_noise`` the same with rank-1 matrix noise.
+one process (medians); ``time_ratio_rank1_noise`` the same with rank-1 matrix noise;
+``time_ratio_table_noise`` with Gaussian noise read from the shared noise table (the
+``mezo-table`` method gives that variant's memory, the table included).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 
 from . import BenchArgumentParser
 
-ZO_METHODS = ("mezo", "zo-sign", "zo-momentum", "zo-adam", "hizoo", "forward-grad")
+ZO_METHODS = ("mezo", "mezo-table", "zo-sign", "zo-momentum", "zo-adam", "hizoo", "forward-grad")
 ALL_METHODS = ("inference", *ZO_METHODS, "adamw")
 
 
@@ -98,6 +100,9 @@ def _step_fn(method: str, model, loss):
         opt = nograd.ForwardGradient(model, lr=1e-4)
         fn = opt.step
         return lambda: fn(loss)
+    if method == "mezo-table":  # MeZO with the shared-noise-table Gaussian (the table counts)
+        opt = nograd.MeZO(model, lr=1e-6, distribution="gaussian-table")
+        return lambda: opt.step(lambda: loss().item())
     cls = {
         "mezo": nograd.MeZO,
         "zo-sign": nograd.ZOSign,
@@ -152,6 +157,7 @@ def _timing(args: argparse.Namespace) -> dict:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     gaussian = nograd.MeZO(model, lr=1e-6)
     lowrank = nograd.MeZO(model, lr=1e-6, noise_rank=1)  # LOZO-style: E = a b^T for matrices
+    table = nograd.MeZO(model, lr=1e-6, distribution="gaussian-table")
 
     def two_forwards() -> None:
         infer()
@@ -166,7 +172,12 @@ def _timing(args: argparse.Namespace) -> dict:
         return run
 
     t = interleaved_medians(
-        {"two_forwards": two_forwards, "mezo": step(gaussian), "mezo_rank1": step(lowrank)},
+        {
+            "two_forwards": two_forwards,
+            "mezo": step(gaussian),
+            "mezo_rank1": step(lowrank),
+            "mezo_table": step(table),
+        },
         repeats=args.repeats,
     )
     return {
@@ -174,6 +185,7 @@ def _timing(args: argparse.Namespace) -> dict:
         "mezo_step_s": t["mezo"],
         "time_ratio": t["mezo"] / t["two_forwards"],
         "time_ratio_rank1_noise": t["mezo_rank1"] / t["two_forwards"],
+        "time_ratio_table_noise": t["mezo_table"] / t["two_forwards"],
     }
 
 

@@ -91,7 +91,7 @@ class ModuleES:
         antithetic: mirrored pairs (recommended); otherwise each member has its own direction.
         mode: ``"batched"`` (all members in one forward) or ``"inplace"`` (one at a time).
         chunk_size: members per forward in batched mode (``None``: all).
-        noise: ``"gaussian"`` or ``"rademacher"``.
+        noise: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"`` (faster, see ``nograd.noise``).
     """
 
     def __init__(

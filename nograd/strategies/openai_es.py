@@ -46,7 +46,8 @@ class OpenAIES(ModuleES):
     """OpenAI-ES: antithetic dense Gaussian noise, centered ranks, weight decay, any optimizer.
 
     See :class:`~nograd.strategies.module_es.ModuleES` for the arguments; ``rank`` is fixed to 0
-    (dense noise) and ``shaping`` defaults to centered ranks as in the paper.
+    (dense noise) and ``shaping`` defaults to centered ranks as in the paper. The paper's shared
+    noise table is ``noise="gaussian-table"``.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class OpenAIES(ModuleES):
         mode: str = "batched",
         chunk_size: int | None = None,
         antithetic: bool = True,
+        noise: str = "gaussian",
     ) -> None:
         super().__init__(
             model,
@@ -77,4 +79,5 @@ class OpenAIES(ModuleES):
             antithetic=antithetic,
             mode=mode,
             chunk_size=chunk_size,
+            noise=noise,
         )

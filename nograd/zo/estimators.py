@@ -108,7 +108,7 @@ class SPSAEstimator(_SeededEstimator):
             central difference (2n forwards).
         noise_rank: 0 for dense Gaussian/Rademacher noise; ``r > 0`` perturbs matrices with
             low-rank ``A B^T / sqrt(r)`` noise (EGGROLL), cheaper to regenerate.
-        distribution: ``"gaussian"`` or ``"rademacher"``.
+        distribution: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"`` (faster, see ``nograd.noise``).
         seed: noise seed; direction ``k`` of estimate ``t`` is keyed by ``(seed, t, k)``.
         module: map each tensor to the module that registers it instead of running a discovery
             forward. By default the first estimate runs the closure once unperturbed to learn which

@@ -1,0 +1,37 @@
+"""`nograd bench throughput` and `nograd bench memory` on tiny settings: keys and sanity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from nograd.bench import get
+from nograd.noise import TABLE_SIZE
+
+
+def test_throughput_bench_reports_ratios() -> None:
+    out = get("throughput")(["--population", "4", "--batch", "1", "--block", "8", "--repeats", "1"])
+    assert set(out["models"]) == {"gpt", "mlp"}
+    for r in out["models"].values():
+        assert r["population"] == 4 and r["rank"] == 1
+        for key in ("ratio", "update_ratio", "naive_ratio"):
+            assert math.isfinite(r[key]) and r[key] > 0
+    assert out["ratio"] == out["models"]["gpt"]["ratio"]
+
+
+def test_memory_bench_counts_the_noise_table() -> None:
+    argv = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "2"]
+    out = get("memory")([*argv, "--methods", "inference,mezo,mezo-table", "--repeats", "1"])
+    assert set(out["memory_ratios"]) == {"mezo", "mezo-table"}
+    assert out["memory_ratio"] == out["memory_ratios"]["mezo"]
+    # the table's float32 numbers are resident in the mezo-table process only
+    added = out["added_bytes"]
+    assert added["mezo-table"] - added["mezo"] > 0.9 * 4 * TABLE_SIZE
+    for key in ("time_ratio", "time_ratio_rank1_noise", "time_ratio_table_noise"):
+        assert math.isfinite(out[key]) and out[key] > 0
+
+
+def test_memory_bench_rejects_unknown_method() -> None:
+    with pytest.raises(ValueError, match="unknown method"):
+        get("memory")(["--methods", "inference,sgd"])
