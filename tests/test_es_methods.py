@@ -133,10 +133,11 @@ def test_es_bench_reports_ratios():
     from nograd.bench import get
 
     out = get("es")(
-        ["--dim", "3000", "--population", "8", "--repeats", "1", "--strategies", "eggroll,snes,cma"]
+        ["--dim", "3000", "--population", "8", "--repeats", "1", "--strategies", "eggroll,snes,cma,openai-es"]
+        + ["--table"]
     )
     assert out["dim"] > 2000
-    assert set(out["strategies"]) == {"eggroll", "snes"}
+    assert set(out["strategies"]) == {"eggroll", "snes", "openai-es", "openai-es (gaussian-table)"}
     assert "cma" in out["skipped"]
     for r in out["strategies"].values():
         assert r["ratio"] > 0 and r["seconds_per_generation"] > 0

@@ -103,6 +103,11 @@ def run(args: list[str]) -> dict:
     p.add_argument("--strategies", default=",".join(ALL), help="comma-separated subset of " + ",".join(ALL))
     p.add_argument("--adapter-mode", choices=("auto", "vmap", "loop"), default="auto")
     p.add_argument("--loop", action="store_true", help="also time sep-cma with the other adapter mode")
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="also time openai-es with the shared noise table (gaussian-table)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="(output is JSON in any case)")
     a = p.parse_args(args)
@@ -139,14 +144,18 @@ def run(args: list[str]) -> dict:
             )
             fns[name] = lambda es=es: es.step(mse_rows, x, y)
         elif name == "openai-es":
-            es = OpenAIES(
-                model,
-                sigma=0.05,
-                population=a.population,
-                seed=0,
-                optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-            )
-            fns[name] = lambda es=es: es.step(mse_rows, x, y)
+            for noise in ("gaussian", "gaussian-table") if a.table else ("gaussian",):
+                model = make_mlp(h)
+                es = OpenAIES(
+                    model,
+                    sigma=0.05,
+                    population=a.population,
+                    seed=0,
+                    optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                    noise=noise,
+                )
+                label = name if noise == "gaussian" else f"{name} ({noise})"
+                fns[label] = lambda es=es: es.step(mse_rows, x, y)
         else:
             adapter = ModuleAdapter(
                 model, name, sigma=0.05, popsize=a.population, seed=0, chunk_size=a.chunk, mode=a.adapter_mode
