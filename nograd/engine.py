@@ -220,6 +220,21 @@ def _unique_directions(members: Sequence[Direction]) -> tuple[list[int], torch.T
     return list(first), torch.tensor([first[d] for d in dirs], dtype=torch.long)
 
 
+def _mirrored_pair_scale(members: Sequence[Direction]) -> float | None:
+    """``s`` when members are ``(d_0, s), (d_0, -s), (d_1, s), (d_1, -s), ...`` with distinct
+    ``d_k`` (the antithetic population), else None."""
+    if len(members) < 2 or len(members) % 2:
+        return None
+    s = members[0][1]
+    plus, minus = members[::2], members[1::2]
+    dirs = [d for d, _ in plus]
+    if len(set(dirs)) != len(dirs) or any(
+        dp != dm or sp != s or sm != -s for (dp, sp), (dm, sm) in zip(plus, minus)
+    ):
+        return None
+    return float(s)
+
+
 def _direct_owners(space: ParamSpace, module: nn.Module) -> dict[int, list[int]]:
     """id(module) -> indices of the space's tensors registered directly on it."""
     owners: dict[int, list[int]] = {}
@@ -407,6 +422,15 @@ class BatchedPerturbation:
                 cache[("d", i)] = self._member_dense(i, generation, members)
             return pick(cache[("d", i)])
 
+        pair_scale = _mirrored_pair_scale(members)
+
+        def pair_dense(i: int) -> torch.Tensor:
+            """The unscaled direction of each mirrored pair: (P / 2, *shape)."""
+            if ("p", i) not in cache:
+                uniq = [d for d, _ in members[::2]]
+                cache[("p", i)] = space.member_dense(self.noise, i, generation, uniq)
+            return cache[("p", i)]
+
         def grouped(t: torch.Tensor) -> torch.Tensor:
             k = len(members) if selected[0] is None else 1
             if t.shape[0] % k:
@@ -433,6 +457,13 @@ class BatchedPerturbation:
                     bx = torch.cat([bx, bx.new_ones(bx.shape[0], 1, bx.shape[2])], dim=1)
                     at, db = torch.cat([at, db], dim=1), None
                 o.baddbmm_(bx.transpose(1, 2), at)
+            elif wi is not None and pair_scale is not None and selected[0] is None:
+                # mirrored pairs share a direction: members 2k and 2k+1 add +-s x E_k^T, so each
+                # direction is drawn and read once, not copied per member
+                et = pair_dense(wi).transpose(1, 2).to(x.dtype)
+                sign = x.new_tensor([1.0, -1.0]).view(1, 2, 1, 1)
+                xs = (x.unflatten(0, (-1, 2)) * sign).flatten(1, 2)  # (P / 2, 2 rows, in)
+                o.view(xs.shape[0], -1, o.shape[-1]).baddbmm_(xs, et, alpha=pair_scale)
             elif wi is not None:
                 o.baddbmm_(x, dense(wi).transpose(1, 2).to(x.dtype))
             if db is not None:

@@ -191,13 +191,11 @@ class SeededNoise:
         """Noise of several members for one parameter, stacked: ``(len(members), *shape)`` float32."""
         shape = torch.Size(shape)
         n = shape.numel()
-        if n > SMALL:
-            return torch.stack(
-                [
-                    self.full(shape, generation=generation, member=m, index=index, device=device)
-                    for m in members
-                ]
-            )
+        if n > SMALL:  # each member's blocks straight into its row: no per-member tensors to stack
+            out = torch.empty(len(members), n, device=device, dtype=torch.float32)
+            for row, m in zip(out, members):
+                self.fill_(row, generation=generation, member=m, index=index)
+            return out.view(len(members), *shape)
         ids = list(members)
         positions: dict[int, list[int]] = {}  # group -> positions of its members in ``ids``
         for pos, m in enumerate(ids):

@@ -14,11 +14,12 @@ from nograd.engine import (
     BatchedPerturbation,
     InPlacePerturbation,
     ParamSpace,
+    _mirrored_pair_scale,
     accumulate,
     evaluate_population,
     member_directions,
 )
-from nograd.noise import BLOCK, TABLE_SIZE, SeededNoise, mirrored
+from nograd.noise import BLOCK, SMALL, TABLE_SIZE, SeededNoise, mirrored
 from nograd.shaping import NonFiniteFitnessError, centered_ranks, sanitize, shape, zscore
 
 
@@ -99,6 +100,9 @@ def test_small_tensor_noise_same_alone_or_stacked():
     a1, b1 = noise.lowrank(6, 4, 2, generation=9, member=33, index=2)
     assert torch.equal(a[2], a1) and torch.equal(b[2], b1)
     assert not torch.equal(stacked[0], stacked[1])
+    big = noise.members((SMALL + 5,), generation=9, members=ids, index=3)  # drawn per member
+    for row, m in zip(big, ids):
+        assert torch.equal(row, noise.full((SMALL + 5,), generation=9, member=m, index=3))
     run = list(range(30, 70))  # in order, across two group boundaries: copied as slices
     stacked = noise.members((3,), generation=9, members=run, index=1)
     for row, m in zip(stacked, run):
@@ -169,18 +173,28 @@ def test_antithetic_pairs_are_exact_negatives():
 
 # ---------------------------------------------------------------- batched population
 @pytest.mark.parametrize("rank", [0, 1, 3])
-def test_batched_member_equals_materialised(rank: int):
+@pytest.mark.parametrize("mirrored", [True, False])
+def test_batched_member_equals_materialised(rank: int, mirrored: bool):
     model = tiny_lm()
     space, noise = ParamSpace(model, rank=rank), SeededNoise(1)
     batched = BatchedPerturbation(model, space, noise)
     assert [type(m).__name__ for m in batched.fallback] == ["Scaled"]
     x = torch.randint(0, 13, (3, 5))
-    dirs = member_directions(range(6), 0.05)
+    # mirrored pairs take the shared-direction path for dense matrices; any other list the general one
+    dirs = member_directions(range(6), 0.05) if mirrored else [(0, 0.05), (2, -0.03), (0, -0.05)] * 2
     with batched.apply(4, dirs):
         out = model(x.repeat(6, 1)).view(6, 3, 5, -1)
     for m, (d, s) in enumerate(dirs):
         ref = materialised(model, space, noise, 4, d, s)(x)
         assert torch.allclose(out[m], ref, atol=1e-5), (m, (out[m] - ref).abs().max())
+
+
+def test_mirrored_pairs_detected():
+    assert _mirrored_pair_scale(member_directions(range(6), 0.05)) == 0.05
+    assert _mirrored_pair_scale([(0, 0.05), (2, -0.03), (0, -0.05)] * 2) is None
+    assert _mirrored_pair_scale([(0, 0.1), (0, -0.1), (0, 0.1), (0, -0.1)]) is None  # repeated direction
+    assert _mirrored_pair_scale([(0, 0.1), (0, -0.2)]) is None
+    assert _mirrored_pair_scale([(0, 0.1)]) is None
 
 
 def test_batched_hooks_removed_and_weights_untouched():
