@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,6 +57,7 @@ DISTRIBUTIONS = ("gaussian", "rademacher", "gaussian-table")
 TABLE_SIZE = 1 << 24  # numbers in the "gaussian-table" noise table
 _TABLE_TAG = (1 << 64) - 2  # the table's own key, never a generation/member/index/block key
 _tables: dict[tuple[int, str], torch.Tensor] = {}  # (seed, device) -> table, shared by instances
+_tables_lock = threading.Lock()  # fill_'s worker threads may ask for a table at the same time
 
 _MASK64 = (1 << 64) - 1
 
@@ -119,11 +121,12 @@ class SeededNoise:
         """The ``"gaussian-table"`` table for this seed on ``device`` (made on first use)."""
         device = torch.device(device)
         name = (self.seed, str(device))
-        if name not in _tables:
-            plain = SeededNoise(self.seed, "gaussian", self.threads)
-            t = torch.empty(TABLE_SIZE, device=device, dtype=torch.float32)
-            _tables[name] = plain.fill_(t, generation=0, member=0, index=_TABLE_TAG)
-        return _tables[name]
+        with _tables_lock:
+            if name not in _tables:
+                plain = SeededNoise(self.seed, "gaussian", self.threads)
+                t = torch.empty(TABLE_SIZE, device=device, dtype=torch.float32)
+                _tables[name] = plain.fill_(t, generation=0, member=0, index=_TABLE_TAG)
+            return _tables[name]
 
     def _draw(self, out: torch.Tensor, key: int, generator: torch.Generator | None = None) -> None:
         if self.distribution == "gaussian-table":
