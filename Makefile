@@ -19,16 +19,16 @@ install: $(VENV)/.installed
 
 # The main job: a char GPT trained on Tiny Shakespeare by EGGROLL, forward passes only, with the
 # best settings found so far (BENCHMARKS.md): a 1-layer, 32-wide GPT, population 256, rank-1
-# perturbations in one batched forward per generation, Adam lr 3e-3 on a cosine over 5600 steps
-# (what fits in 30 minutes on one CPU thread here). The demo is the first DEMO_MINUTES of that
-# run; `make demo DEMO_MINUTES=30` is the whole best 30-minute run of BENCHMARKS.md. It ends with a
-# text sample and $(DEMO_OUT)/loss.png. `make demo-adamw` runs the gradient baseline on nanoGPT's
-# "baby" settings for comparison.
+# perturbations in one batched forward per generation, Adam lr 3e-3 on a cosine over 15500 steps
+# (what fits in 30 minutes on this 2-core CPU with both threads). The demo is the first
+# DEMO_MINUTES of that run; `make demo DEMO_MINUTES=30` is the whole best 30-minute run of
+# BENCHMARKS.md. It ends with a text sample and $(DEMO_OUT)/loss.png. `make demo-adamw` runs the
+# gradient baseline on nanoGPT's "baby" settings for comparison.
 DEMO_MINUTES ?= 3
 demo: install
-	$(VENV)/bin/nograd train --task shakespeare-char --optimizer eggroll --threads 1 \
+	$(VENV)/bin/nograd train --task shakespeare-char --optimizer eggroll --threads 2 \
 		--n-layer 1 --n-head 4 --n-embd 32 --block-size 32 --batch-size 8 \
-		--population 256 --rank 1 --sigma 0.01 --lr 3e-3 --warmup 10 --lr-decay-steps 5600 \
+		--population 256 --rank 1 --sigma 0.01 --lr 3e-3 --warmup 10 --lr-decay-steps 15500 \
 		--steps 1000000 --budget-minutes $(DEMO_MINUTES) --eval-every 25 --out $(DEMO_OUT) \
 		$(if $(DATA),--data $(DATA))
 

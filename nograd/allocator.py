@@ -3,10 +3,10 @@
 A population forward allocates and frees activation tensors of tens of MB many times a second.
 With glibc's default settings each one is a fresh ``mmap``, and the first touch of every 4 KiB
 page is a page fault: on the 2-core CPU this cost a quarter to a third of a training step's
-time. :func:`retain_freed_memory` turns that off, so freed blocks are reused.
-Measured with ``nograd bench throughput`` and in training: 1.36x as many EGGROLL generations per
-second (see BENCHMARKS.md). The price is that the process keeps its peak memory until it exits,
-which a training or benchmark process does anyway.
+time. :func:`retain_freed_memory` turns that off, so freed blocks are reused: EGGROLL training
+ran 1.27-1.46x as many generations per second with it in a side-by-side test (BENCHMARKS.md).
+The price is that the process keeps its peak memory until it exits, which a training or
+benchmark process does anyway.
 
 The ``nograd`` command calls it at start-up; set ``NOGRAD_RETAIN_FREED_MEMORY=0`` to keep glibc's
 defaults. Library users can call it themselves::
