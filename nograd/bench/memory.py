@@ -210,6 +210,11 @@ def run(argv: list[str]) -> dict:
     parent = [a for a in argv if a != "--json"]
     measured = {m: _spawn(parent, m) for m in methods}
     inference = measured["inference"]["added_bytes"]
+    if inference <= 0:
+        raise ValueError(
+            "bench memory: one forward of this model added no memory above the import peak; "
+            "use a larger model (--n-embd, --n-layer) or batch"
+        )
     out: dict = {
         "benchmark": "memory",
         "device": args.device,
