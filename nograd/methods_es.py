@@ -79,7 +79,7 @@ ES_OPTS: dict[str, dict[str, Any]] = {
     "nres": {**_MODULE_ES_OPTS, "reuse": 8, "stagger": True},
 }
 # flat ask/tell strategies: the adapter's options plus each strategy's own (None: the paper's default)
-_ADAPTER_OPTS = {"mode": "auto", "chunk": 0}
+_ADAPTER_OPTS = {"mode": "auto", "chunk": 0, "noise": "gaussian"}
 _STRATEGY_OPTS: dict[str, dict[str, Any]] = {
     "sep-cma": {"c_m": None},
     "lm-ma-es": {"memory": None, "c_sigma": None},
@@ -287,6 +287,7 @@ def _build_adapter(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, method: 
             seed=cfg.seed,
             mode=o["mode"],
             chunk_size=o["chunk"] or None,
+            noise=o["noise"],
             **kwargs,
         )
     except (ValueError, TypeError) as e:

@@ -103,15 +103,18 @@ def test_eggroll_reduces_loss_on_a_fixed_batch():
     assert end < start - 0.3, (start, end)
 
 
-def test_table_noise_option_reaches_the_strategy():
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [("openai-es", "uniform"), ("eggroll", "uniform"), ("snes", "rademacher")],
+)
+def test_table_noise_option_reaches_the_strategy(name: str, bad: str):
     model = tiny_gpt()
-    method = get_method("openai-es").build(
-        model, per_example_loss, cfg_for("openai-es", opts={"noise": "gaussian-table"})
-    )
-    assert method.es.noise.distribution == "gaussian-table"
+    method = get_method(name).build(model, per_example_loss, cfg_for(name, opts={"noise": "gaussian-table"}))
+    es = method.es if hasattr(method, "es") else method.adapter.strategy
+    assert es.noise.distribution == "gaussian-table"
     method.step(*batch(), 1.0)
-    with pytest.raises(UsageError, match="noise"):
-        get_method("eggroll").build(model, per_example_loss, cfg_for("eggroll", opts={"noise": "uniform"}))
+    with pytest.raises(UsageError, match="noise"):  # flat strategies take Gaussian noise only
+        get_method(name).build(model, per_example_loss, cfg_for(name, opts={"noise": bad}))
 
 
 def test_bad_options_are_usage_errors():
@@ -137,7 +140,13 @@ def test_es_bench_reports_ratios():
         + ["--table"]
     )
     assert out["dim"] > 2000
-    assert set(out["strategies"]) == {"eggroll", "snes", "openai-es", "openai-es (gaussian-table)"}
+    assert set(out["strategies"]) == {
+        "eggroll",
+        "snes",
+        "snes (gaussian-table)",
+        "openai-es",
+        "openai-es (gaussian-table)",
+    }
     assert "cma" in out["skipped"]
     for r in out["strategies"].values():
         assert r["ratio"] > 0 and r["seconds_per_generation"] > 0

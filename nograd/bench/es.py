@@ -92,6 +92,10 @@ def stacked_reference(
     return call
 
 
+def _label(name: str, noise: str) -> str:
+    return name if noise == "gaussian" else f"{name} ({noise})"
+
+
 def run(args: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="nograd bench es", description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, default=100_000, help="approximate number of MLP parameters")
@@ -128,12 +132,13 @@ def run(args: list[str]) -> dict:
     x = torch.randn(a.batch, IN_OUT, generator=gen)
     y = torch.randn(a.batch, IN_OUT, generator=gen)
 
+    noises = ("gaussian", "gaussian-table") if a.table else ("gaussian",)
     fns: dict[str, Callable[[], object]] = {}
     for name in names:
         if name in SKIPPED:
             continue
-        model = make_mlp(h)
         if name == "eggroll":
+            model = make_mlp(h)
             es = EGGROLL(
                 model,
                 sigma=0.05,
@@ -144,7 +149,7 @@ def run(args: list[str]) -> dict:
             )
             fns[name] = lambda es=es: es.step(mse_rows, x, y)
         elif name == "openai-es":
-            for noise in ("gaussian", "gaussian-table") if a.table else ("gaussian",):
+            for noise in noises:
                 model = make_mlp(h)
                 es = OpenAIES(
                     model,
@@ -154,13 +159,20 @@ def run(args: list[str]) -> dict:
                     optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
                     noise=noise,
                 )
-                label = name if noise == "gaussian" else f"{name} ({noise})"
-                fns[label] = lambda es=es: es.step(mse_rows, x, y)
+                fns[_label(name, noise)] = lambda es=es: es.step(mse_rows, x, y)
         else:
-            adapter = ModuleAdapter(
-                model, name, sigma=0.05, popsize=a.population, seed=0, chunk_size=a.chunk, mode=a.adapter_mode
-            )
-            fns[name] = lambda ad=adapter: ad.step(mse_rows, x, y)
+            for noise in noises:
+                adapter = ModuleAdapter(
+                    make_mlp(h),
+                    name,
+                    sigma=0.05,
+                    popsize=a.population,
+                    seed=0,
+                    chunk_size=a.chunk,
+                    mode=a.adapter_mode,
+                    noise=noise,
+                )
+                fns[_label(name, noise)] = lambda ad=adapter: ad.step(mse_rows, x, y)
     if a.loop and "sep-cma" in names:
         model = make_mlp(h)
         other = (

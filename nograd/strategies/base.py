@@ -61,6 +61,9 @@ def expected_norm(n: int) -> float:
     return math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
 
 
+GAUSSIAN_NOISES = ("gaussian", "gaussian-table")
+
+
 class Strategy:
     """Base class of the ask/tell evolution strategies.
 
@@ -70,6 +73,8 @@ class Strategy:
         popsize: candidates per generation; ``None`` picks the strategy's default
             (``4 + floor(3 ln dim)`` for most).
         seed: seed of the :class:`~nograd.noise.SeededNoise` every sample is regenerated from.
+        noise: ``"gaussian"`` or ``"gaussian-table"`` (the shared noise table: faster draws, see
+            :mod:`nograd.noise`); the update equations assume Gaussian samples.
         **paper_params: strategy hyperparameters, keyword-only in each subclass.
 
     Attributes:
@@ -108,6 +113,7 @@ class Strategy:
         sigma: float,
         popsize: int | None = None,
         seed: int = 0,
+        noise: str = "gaussian",
         **paper_params: Any,
     ) -> None:
         if paper_params:
@@ -130,8 +136,11 @@ class Strategy:
         if isinstance(seed, bool) or int(seed) != seed:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.popsize: int = popsize
+        if noise not in GAUSSIAN_NOISES:
+            raise ValueError(f"noise must be one of {GAUSSIAN_NOISES}, got {noise!r}")
         self.seed: int = int(seed)
-        self.noise = SeededNoise(self.seed)
+        self.noise_kind: str = noise
+        self.noise = SeededNoise(self.seed, noise)
         self.generation: int = 0
         self.mean: Tensor = mean
         self.sigma0: float = sigma
@@ -321,7 +330,12 @@ class Strategy:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors and python values (``torch.load(weights_only=True)`` safe)."""
-        state: dict[str, Any] = {"strategy": self.name, "dim": self.dim, "popsize": self.popsize}
+        state: dict[str, Any] = {
+            "strategy": self.name,
+            "dim": self.dim,
+            "popsize": self.popsize,
+            "noise": self.noise_kind,
+        }
         for key in self._common_keys + self._state_keys:
             value = getattr(self, key)
             if isinstance(value, Tensor):
@@ -348,7 +362,8 @@ class Strategy:
             elif isinstance(value, list):
                 value = list(value)
             setattr(self, key, value)
-        self.noise = SeededNoise(self.seed)
+        self.noise_kind = str(state.get("noise", "gaussian"))  # states saved before it was an option
+        self.noise = SeededNoise(self.seed, self.noise_kind)
         self._cache = None
         self._asked = None
 

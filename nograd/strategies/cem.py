@@ -61,6 +61,7 @@ class CEM(DiagonalStd, Strategy):
         sigma: float,
         popsize: int | None = None,
         seed: int = 0,
+        noise: str = "gaussian",
         *,
         elite_frac: float = 0.25,
         smoothing: float = 0.7,
@@ -68,7 +69,7 @@ class CEM(DiagonalStd, Strategy):
         extra_noise_decay: float = 0.0,
         min_stdev: float = 0.0,
     ) -> None:
-        super().__init__(x0, sigma, popsize, seed)
+        super().__init__(x0, sigma, popsize, seed, noise=noise)
         frac = _check_range("elite_frac", elite_frac, 0.0, 1.0, lo_open=True)
         self.n_elite: int = max(2, int(round(frac * self.popsize)))
         if self.n_elite >= self.popsize:

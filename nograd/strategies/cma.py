@@ -143,6 +143,7 @@ class CMAES(Strategy):
         sigma: float,
         popsize: int | None = None,
         seed: int = 0,
+        noise: str = "gaussian",
         *,
         active: bool = True,
         c_sigma: float | None = None,
@@ -160,7 +161,7 @@ class CMAES(Strategy):
                 "Use SepCMAES ('sep-cma'), LMMAES ('lm-ma-es') or RmES ('rm-es') for large problems, "
                 "or pass a larger max_dim."
             )
-        super().__init__(x0, sigma, popsize, seed)
+        super().__init__(x0, sigma, popsize, seed, noise=noise)
         p = cma_parameters(self.dim, self.popsize, active, c_sigma, d_sigma, c_c, c_1, c_mu)
         self.active = bool(active)
         self.mu: int = p["mu"]

@@ -73,11 +73,12 @@ class GA(Strategy):
         sigma: float,
         popsize: int | None = None,
         seed: int = 0,
+        noise: str = "gaussian",
         *,
         truncation: int | None = None,
         elitism: bool = True,
     ) -> None:
-        super().__init__(x0, sigma, popsize, seed)
+        super().__init__(x0, sigma, popsize, seed, noise=noise)
         t = max(1, self.popsize // 5) if truncation is None else truncation
         if isinstance(t, bool) or int(t) != t or not 1 <= t <= self.popsize:
             raise ValueError(

@@ -65,11 +65,12 @@ class LMMAES(Strategy):
         sigma: float,
         popsize: int | None = None,
         seed: int = 0,
+        noise: str = "gaussian",
         *,
         memory: int | None = None,
         c_sigma: float | None = None,
     ) -> None:
-        super().__init__(x0, sigma, popsize, seed)
+        super().__init__(x0, sigma, popsize, seed, noise=noise)
         n, lam = self.dim, self.popsize
         m = 4 + int(math.floor(3 * math.log(n))) if memory is None else int(memory)
         if m < 0:

@@ -71,6 +71,7 @@ class PGPE(DiagonalStd, Strategy):
         sigma: float,
         popsize: int | None = None,
         seed: int = 0,
+        noise: str = "gaussian",
         *,
         max_speed: float | None = None,
         step_size: float | None = None,
@@ -78,7 +79,7 @@ class PGPE(DiagonalStd, Strategy):
         stdev_lr: float = 0.1,
         stdev_max_change: float | None = 0.2,
     ) -> None:
-        super().__init__(x0, sigma, popsize, seed)
+        super().__init__(x0, sigma, popsize, seed, noise=noise)
         if self.popsize % 2:
             raise ValueError(f"PGPE samples mirrored pairs: popsize must be even, got {self.popsize}")
         vmax = float(sigma) * math.sqrt(self.dim) / 15 if max_speed is None else max_speed

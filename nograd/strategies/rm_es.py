@@ -86,6 +86,7 @@ class RmES(Strategy):
         sigma: float,
         popsize: int | None = None,
         seed: int = 0,
+        noise: str = "gaussian",
         *,
         paths: int = 2,
         gap: int | None = None,
@@ -95,7 +96,7 @@ class RmES(Strategy):
         q_star: float = 0.3,
         d_sigma: float = 1.0,
     ) -> None:
-        super().__init__(x0, sigma, popsize, seed)
+        super().__init__(x0, sigma, popsize, seed, noise=noise)
         n, lam = self.dim, self.popsize
         if int(paths) != paths or paths < 1:
             raise ValueError(f"paths must be a positive integer, got {paths!r}")

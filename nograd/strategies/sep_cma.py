@@ -76,6 +76,7 @@ class SepCMAES(Strategy):
         sigma: float,
         popsize: int | None = None,
         seed: int = 0,
+        noise: str = "gaussian",
         *,
         c_sigma: float | None = None,
         d_sigma: float | None = None,
@@ -84,7 +85,7 @@ class SepCMAES(Strategy):
         c_mu: float | None = None,
         c_m: float = 1.0,
     ) -> None:
-        super().__init__(x0, sigma, popsize, seed)
+        super().__init__(x0, sigma, popsize, seed, noise=noise)
         n = self.dim
         p = cma_parameters(n, self.popsize, active=False, c_sigma=c_sigma, d_sigma=d_sigma, c_c=c_c)
         boost = (n + 2) / 3

@@ -62,11 +62,12 @@ class SNES(DiagonalStd, Strategy):
         sigma: float,
         popsize: int | None = None,
         seed: int = 0,
+        noise: str = "gaussian",
         *,
         eta_mu: float = 1.0,
         eta_sigma: float | None = None,
     ) -> None:
-        super().__init__(x0, sigma, popsize, seed)
+        super().__init__(x0, sigma, popsize, seed, noise=noise)
         n = self.dim
         self.eta_mu = _check_range("eta_mu", eta_mu, 0.0, math.inf, lo_open=True)
         eta_s = (3 + math.log(n)) / (5 * math.sqrt(n)) if eta_sigma is None else eta_sigma
