@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .noise import SMALL, SeededNoise
+from .noise import SeededNoise
 
 Direction = tuple[int, float]  # (noise direction index, scale such as +sigma or -sigma)
 
@@ -159,6 +159,9 @@ class ParamSpace:
             flat[start : start + z.numel()].add_(z, alpha=alpha)
 
 
+DENSE_STACK = 1 << 22  # numbers of stacked dense directions that accumulate holds at once (16 MB)
+
+
 def accumulate(
     space: ParamSpace,
     noise: SeededNoise,
@@ -171,8 +174,9 @@ def accumulate(
     """Rebuild ``g = sum_k c_k E_k`` from the seeds and use it, one tensor at a time.
 
     ``into="grad"`` writes ``g`` into each parameter's ``.grad`` (overwriting it) so that any
-    torch optimizer can step. ``into="update"`` applies ``p -= lr * g`` in place; dense noise is
-    then added block by block, so no buffer of the size of a tensor, let alone the model, is made.
+    torch optimizer can step. ``into="update"`` applies ``p -= lr * g`` in place; the dense noise
+    of a tensor larger than ``DENSE_STACK`` numbers is then added block by block, so no buffer of
+    its size, let alone the model's, is made.
     """
     if into not in ("grad", "update"):
         raise ValueError(f"into must be 'grad' or 'update', got {into!r}")
@@ -193,11 +197,18 @@ def accumulate(
                 c = torch.tensor([c for _, c in coefficients], dtype=a.dtype, device=a.device)
                 a = (a * c.view(-1, 1, 1)).transpose(0, 1).flatten(1)  # (out, k*r)
                 use(p, (a @ b.transpose(0, 1).flatten(1).T).div_(math.sqrt(space.rank)).view(p.shape))
-            elif not space.lowrank[i] and p.numel() <= SMALL and len(coefficients) > 1:
-                # small dense tensors (biases, norms): all directions from grouped draws, one matvec
-                e = space.member_dense(noise, i, generation, [d for d, _ in coefficients])
-                c = torch.tensor([c for _, c in coefficients], dtype=e.dtype, device=e.device)
-                use(p, torch.tensordot(c, e, dims=1))
+            elif not space.lowrank[i] and p.numel() <= DENSE_STACK and len(coefficients) > 1:
+                # dense tensors up to DENSE_STACK numbers: directions stacked a chunk at a time, one
+                # matrix-vector product per chunk instead of an add per direction
+                k = max(1, DENSE_STACK // p.numel())
+                g = None
+                for start in range(0, len(coefficients), k):
+                    part = coefficients[start : start + k]
+                    e = space.member_dense(noise, i, generation, [d for d, _ in part])
+                    c = torch.tensor([c for _, c in part], dtype=e.dtype, device=e.device)
+                    term = torch.tensordot(c, e, dims=1)
+                    g = term if g is None else g.add_(term)
+                use(p, g)
             elif into == "update" and p.dtype == torch.float32:
                 # straight into the weights, block by block: no tensor-sized buffer
                 for d, c in coefficients:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import nograd.engine as engine
 from nograd.engine import (
     BatchedPerturbation,
     InPlacePerturbation,
@@ -301,7 +302,11 @@ def test_inplace_restores_after_exception():
 
 
 # ---------------------------------------------------------------- estimates
-def test_accumulate_grad_equals_update_and_manual_sum():
+# dense tensors: all directions stacked / 5-number vectors two directions per chunk and the 30-number
+# weight one direction at a time / every tensor one direction at a time
+@pytest.mark.parametrize("dense_stack", [1 << 22, 12, 1])
+def test_accumulate_grad_equals_update_and_manual_sum(dense_stack: int, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(engine, "DENSE_STACK", dense_stack)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5))
     for rank in (0, 2):
