@@ -28,7 +28,6 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from nograd import __version__
-from nograd.allocator import retain_freed_memory
 from nograd.errors import UsageError
 
 if TYPE_CHECKING:
@@ -271,7 +270,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "_run", None):
             parser.print_help(sys.stderr)
             return 2
-        retain_freed_memory()  # page faults on fresh activations cost up to a third of a step
         return args._run(args)
     except UsageError as e:
         message = " ".join(str(e).split())  # always exactly one line

@@ -28,9 +28,11 @@ from typing import Any, TextIO
 
 import torch
 
+from nograd.allocator import retain_freed_memory
 from nograd.checkpoint import load_checkpoint, save_checkpoint
 from nograd.errors import UsageError
 from nograd.methods import OUTER_OPTIMIZERS, get_method
+from nograd.methods_es import ES_METHODS
 from nograd.models.gpt import ATTENTION_KINDS
 from nograd.plot import plot_metrics
 from nograd.tasks import TASKS, build_task
@@ -271,7 +273,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns a summary dict (final/best val loss, wall time, ...).
 
     ``explicit`` (from the CLI) names the fields the user set, to catch
-    conflicting flags on ``--resume``.
+    conflicting flags on ``--resume``. Process-wide settings: ``cfg.threads`` sets torch's thread
+    count, and an evolution strategy turns on :func:`nograd.allocator.retain_freed_memory`.
     """
     cfg.validate()
     ckpt = None
@@ -291,6 +294,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     device = torch.device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if cfg.optimizer in ES_METHODS:  # each step evaluates a population: keep its activations' pages
+        retain_freed_memory()
 
     info = get_method(cfg.optimizer)
     torch.manual_seed(cfg.seed)

@@ -1,5 +1,6 @@
 """nograd.allocator: freed memory is reused instead of faulted in again (glibc)."""
 
+import argparse
 import json
 import os
 import statistics
@@ -65,10 +66,32 @@ def test_opt_out_by_environment() -> None:
     assert _probe("retain", {allocator.ENV_VAR: "0"})["applied"] is False
 
 
-def test_cli_applies_it_before_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    import nograd.cli as cli
+@pytest.mark.parametrize(
+    ("optimizer", "retained"), [("eggroll", True), ("snes", True), ("mezo", False), ("adamw", False)]
+)
+def test_training_retains_for_populations_only(
+    optimizer: str, retained: bool, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evolution strategies keep freed memory; zeroth-order methods (inference memory) and
+    gradient baselines keep glibc's defaults."""
+    import nograd.train as train_mod
+    from nograd.train import TrainConfig
 
     calls = []
-    monkeypatch.setattr(cli, "retain_freed_memory", lambda: calls.append(1) or True)
-    assert cli.main(["optimizers"]) == 0
-    assert calls == [1]
+    monkeypatch.setattr(train_mod, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(train_mod, "build_task", lambda cfg: (_ for _ in ()).throw(RuntimeError("stop")))
+    cfg = TrainConfig(optimizer=optimizer, out=str(tmp_path), data=str(tmp_path / "unused.txt"))
+    with pytest.raises(RuntimeError, match="stop"):  # stop right after the process-wide settings
+        train_mod.train(cfg)
+    assert calls == ([1] if retained else [])
+
+
+def test_population_benches_retain(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nograd.bench.command as command
+
+    calls = []
+    monkeypatch.setattr(command, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(command, "get", lambda name: lambda argv: {"ok": True})
+    for name, expected in (("throughput", 1), ("es", 2), ("memory", 2)):
+        assert command.cmd_bench(argparse.Namespace(name=name, options=[])) == 0
+        assert len(calls) == expected  # memory measures peak RSS: glibc's defaults there

@@ -21,6 +21,8 @@ class BenchArgumentParser(argparse.ArgumentParser):
 
 # name -> (module path, one-line summary); modules are imported lazily
 BENCHES: dict[str, tuple[str, str]] = {}
+# benchmarks of population evaluation: run with freed memory kept (nograd.allocator)
+POPULATION_BENCHES = frozenset({"throughput", "es", "nres"})
 
 
 def register(name: str, module: str, summary: str) -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from nograd.allocator import retain_freed_memory
 from nograd.cli import command
 from nograd.errors import UsageError
 
-from . import BENCHES, get
+from . import BENCHES, POPULATION_BENCHES, get
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -22,6 +23,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.name not in BENCHES:
         raise UsageError(f"unknown benchmark {args.name!r}; choose from {', '.join(BENCHES)}")
+    if args.name in POPULATION_BENCHES:
+        retain_freed_memory()  # as `nograd train` does for the population methods
     try:
         result = get(args.name)(list(args.options))
     except ValueError as e:
