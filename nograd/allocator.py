@@ -5,10 +5,9 @@ With glibc's default settings each one is a fresh ``mmap``, and the first touch 
 page is a page fault: on the 2-core CPU this cost a quarter to a third of a training step's
 time. :func:`retain_freed_memory` turns that off, so freed blocks are reused: EGGROLL training
 ran 1.27-1.46x as many generations per second with it in a side-by-side test (BENCHMARKS.md).
-The price is that the process keeps its peak memory until it exits, which a training or
-benchmark process does anyway.
 
-It is not free: the heap then keeps holes between live blocks, so peak memory grows. For a
+It is not free: the process keeps its memory until it exits, and the heap keeps holes between
+live blocks, so the peak grows. For a
 MeZO step on the 59M-parameter GPT of ``nograd bench memory`` the peak went from 1.05x to 1.12x
 of inference. So ``nograd train`` turns it on for the population methods (evolution strategies)
 only, and ``nograd bench`` for the population benchmarks. Zeroth-order methods, whose point is

@@ -12,6 +12,8 @@ interleaved and repeated, and the ratio is ``median(strategy) / median(reference
   members one by one on CPU, vmap on CUDA; candidates rebuilt from seeds per chunk); ``ga`` is
   the Deep GA.
 * full ``cma`` is skipped: it stores a dim x dim covariance (8e10 bytes at dim 1e5).
+* ``--table`` adds each dense strategy again with ``noise="gaussian-table"``, reported as
+  ``"NAME (gaussian-table)"``.
 
 Measured on the shared 2-core CPU (dim 100,168, population 128, batch 32, 7 repeats, medians;
 ``ratio`` = strategy / reference): with ``--threads 1``: reference 0.022 s; eggroll 1.19,
@@ -110,7 +112,7 @@ def run(args: list[str]) -> dict:
     p.add_argument(
         "--table",
         action="store_true",
-        help="also time openai-es with the shared noise table (gaussian-table)",
+        help="also time every dense strategy with the shared noise table (noise='gaussian-table')",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="(output is JSON in any case)")
