@@ -135,33 +135,23 @@ def run(args: list[str]) -> dict:
     y = torch.randn(a.batch, IN_OUT, generator=gen)
 
     noises = ("gaussian", "gaussian-table") if a.table else ("gaussian",)
+
+    def module_es(cls: type, **kw) -> Callable[[], object]:
+        """One generation of a batched-engine strategy on a fresh MLP, Adam on its estimate."""
+        model = make_mlp(h)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        es = cls(model, sigma=0.05, population=a.population, seed=0, optimizer=opt, **kw)
+        return lambda: es.step(mse_rows, x, y)
+
     fns: dict[str, Callable[[], object]] = {}
     for name in names:
         if name in SKIPPED:
             continue
         if name == "eggroll":
-            model = make_mlp(h)
-            es = EGGROLL(
-                model,
-                sigma=0.05,
-                population=a.population,
-                rank=1,
-                seed=0,
-                optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-            )
-            fns[name] = lambda es=es: es.step(mse_rows, x, y)
+            fns[name] = module_es(EGGROLL, rank=1)
         elif name == "openai-es":
             for noise in noises:
-                model = make_mlp(h)
-                es = OpenAIES(
-                    model,
-                    sigma=0.05,
-                    population=a.population,
-                    seed=0,
-                    optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-                    noise=noise,
-                )
-                fns[_label(name, noise)] = lambda es=es: es.step(mse_rows, x, y)
+                fns[_label(name, noise)] = module_es(OpenAIES, noise=noise)
         else:
             for noise in noises:
                 adapter = ModuleAdapter(
