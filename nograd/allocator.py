@@ -7,13 +7,12 @@ time. :func:`retain_freed_memory` turns that off, so freed blocks are reused: EG
 ran 1.27-1.46x as many generations per second with it in a side-by-side test (BENCHMARKS.md).
 
 It is not free: the process keeps its memory until it exits, and the heap keeps holes between
-live blocks, so the peak grows. For a
-MeZO step on the 59M-parameter GPT of ``nograd bench memory`` the peak went from 1.05x to 1.12x
-of inference. So ``nograd train`` turns it on for the population methods (evolution strategies)
-only, and ``nograd bench`` for the population benchmarks. Zeroth-order methods, whose point is
-inference memory, and the gradient baselines keep glibc's defaults. Set
-``NOGRAD_RETAIN_FREED_MEMORY=0`` to keep the defaults everywhere. Library users can call it
-themselves::
+live blocks, so the peak grows. For a MeZO step on the 59M-parameter GPT of ``nograd bench
+memory`` the peak went from 1.05x to 1.12x of inference. So ``nograd train`` turns it on for the
+population methods (evolution strategies) only, and ``nograd bench`` for the population
+benchmarks. Zeroth-order methods, whose point is inference memory, and the gradient baselines
+keep glibc's defaults. Set ``NOGRAD_RETAIN_FREED_MEMORY=0`` to keep the defaults everywhere.
+Library users can call it themselves::
 
     >>> import nograd.allocator
     >>> nograd.allocator.retain_freed_memory()  # doctest: +SKIP

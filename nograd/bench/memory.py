@@ -18,6 +18,7 @@ one process (medians); ``time_ratio_rank1_noise`` the same with rank-1 matrix no
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -100,11 +101,10 @@ def _step_fn(method: str, model, loss):
         opt = nograd.ForwardGradient(model, lr=1e-4)
         fn = opt.step
         return lambda: fn(loss)
-    if method == "mezo-table":  # MeZO with the shared-noise-table Gaussian (the table counts)
-        opt = nograd.MeZO(model, lr=1e-6, distribution="gaussian-table")
-        return lambda: opt.step(lambda: loss().item())
     cls = {
         "mezo": nograd.MeZO,
+        # the shared-noise-table Gaussian: its table counts towards the step's memory
+        "mezo-table": functools.partial(nograd.MeZO, distribution="gaussian-table"),
         "zo-sign": nograd.ZOSign,
         "zo-momentum": nograd.ZOMomentum,
         "zo-adam": nograd.ZOAdam,
