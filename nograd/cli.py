@@ -5,15 +5,15 @@ adds its arguments to an argparse parser, the other runs it and returns the
 exit status. To add one, write both in a module, decorate the runner, and
 list the module in :data:`COMMAND_MODULES` (or write them here)::
 
-    def _bench_args(p: argparse.ArgumentParser) -> None:
+    def _suite_args(p: argparse.ArgumentParser, argv: list[str]) -> None:
         p.add_argument("--suite", default="quick")
 
-    @command("bench", "compare optimizers on a fixed budget", _bench_args)
-    def cmd_bench(args: argparse.Namespace) -> int:
+    @command("suite", "compare optimizers on a fixed budget", _suite_args)
+    def cmd_suite(args: argparse.Namespace) -> int:
         ...
         return 0
 
-Errors: library code raises :class:`nograd.errors.UsageError`; :func:`main`
+Errors: library code raises :class:`nograd.core.errors.UsageError`; :func:`main`
 prints it as one line ``nograd: error: ...`` on stderr and exits with 2, as
 it does for argparse's own errors (unknown flag, bad number).
 """
@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import TYPE_CHECKING
 
 from nograd import __version__
-from nograd.errors import UsageError
+from nograd.core.errors import UsageError
+from nograd.core.options import field_types, flag_name
 
 if TYPE_CHECKING:
-    from nograd.train import TrainConfig
+    from nograd.workbench.config import TrainConfig
 
 PROG = "nograd"
 
@@ -47,21 +50,25 @@ class ArgumentParser(argparse.ArgumentParser):
 class Command:
     name: str
     help: str
-    configure: Callable[[argparse.ArgumentParser], None]
+    configure: Callable[[argparse.ArgumentParser, list[str]], None]  # (parser, the command's argv)
     run: Callable[[argparse.Namespace], int]
 
 
 COMMANDS: dict[str, Command] = {}
 """Registered subcommands, in the order they appear in ``nograd --help``."""
 
-COMMAND_MODULES: list[str] = ["nograd.bench.command"]
-"""Modules that register more subcommands when imported."""
+COMMAND_MODULES: list[str] = []
+"""Modules that register more subcommands when imported (plug-ins above this one)."""
 
 
 def command(
-    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser, list[str]], None]
 ) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    """Decorator registering ``run(args) -> exit status`` as subcommand ``name``."""
+    """Decorator registering ``run(args) -> exit status`` as subcommand ``name``.
+
+    ``configure(parser, argv)`` adds the command's arguments; ``argv`` is what follows the
+    command's name, for commands whose flags depend on other flags (``train --task NAME``).
+    """
 
     def decorator(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         COMMANDS[name] = Command(name, help, configure, run)
@@ -82,19 +89,71 @@ def parse_opt(text: str) -> tuple[str, str]:
     return key, value.strip()
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    # Every default is None so that we know which flags the user gave (a
-    # resumed run rejects ones that contradict its checkpoint); TrainConfig
-    # holds the real defaults.
+SCHEDULE_FIELDS = ("lr", "warmup", "lr_decay_steps", "min_lr_ratio", "weight_decay")
+FORWARD_ONLY_FIELDS = ("population", "sigma", "rank", "eps", "directions", "outer")
+
+
+def add_options(group: argparse._ArgumentGroup, config_cls: type, names: Sequence[str] | None = None) -> None:
+    """One flag per :func:`~nograd.core.options.option` field of ``config_cls`` (``names``: only those).
+
+    Every flag defaults to None, so the caller knows which ones the user gave (a resumed run
+    rejects ones that contradict its checkpoint); the dataclass holds the real defaults.
+    """
+    types = field_types(config_cls)
+    for f in fields(config_cls):
+        if not f.metadata.get("cli") or (names is not None and f.name not in names):
+            continue
+        base, _ = types[f.name]
+        default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+        text = f.metadata["help"]
+        if default is not None and default is not False:
+            text += f" (default: {default})"
+        if f.metadata["choices"]:
+            text += f"; one of {', '.join(map(str, f.metadata['choices']))}"
+        if base is bool:
+            group.add_argument(flag_name(f.name), action="store_true", default=None, help=text)
+        else:
+            group.add_argument(
+                flag_name(f.name),
+                type=base,
+                default=None,
+                metavar=f.metadata["metavar"] or {int: "N", float: "X"}.get(base, f.name.upper()),
+                help=text,
+            )
+
+
+def _task_of(argv: list[str]) -> str:
+    """The task whose flags ``train`` takes: --task, else a resumed checkpoint's, else the default."""
+    from nograd.workbench.checkpoint import load_checkpoint
+    from nograd.workbench.config import TrainConfig
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task")
+    pre.add_argument("--resume", nargs="?", const="auto")
+    pre.add_argument("--out")
+    pre.add_argument("--optimizer")
+    known, _ = pre.parse_known_args(argv)
+    if known.task or not known.resume:
+        return known.task or TrainConfig.task
+    path = known.resume
+    if path == "auto":
+        name = f"{TrainConfig.task}-{known.optimizer or TrainConfig.optimizer}"
+        path = os.path.join(known.out or os.path.join("runs", name), "checkpoint.pt")
+    try:
+        task = load_checkpoint(path)["config"]["task"]
+    except (UsageError, KeyError, TypeError):
+        return TrainConfig.task  # train() reports what is wrong with the checkpoint
+    return task if isinstance(task, str) else TrainConfig.task
+
+
+def _train_args(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    from nograd.tasks import get_task
+    from nograd.workbench.config import TrainConfig, shared_fields
+
+    task = get_task(_task_of(argv))
+    run_fields = [n for n in shared_fields() if n not in SCHEDULE_FIELDS + FORWARD_ONLY_FIELDS]
     g = p.add_argument_group("run")
-    g.add_argument("--task", help="task to train on (default: shakespeare-char)")
-    g.add_argument("--optimizer", help="method name, see `nograd optimizers` (default: adamw)")
-    g.add_argument("--steps", type=int, help="optimizer steps (default: 2000)")
-    g.add_argument("--budget-minutes", type=float, help="stop after this much training wall time")
-    g.add_argument("--eval-every", type=int, help="steps between evaluations/checkpoints (default: 250)")
-    g.add_argument("--eval-batches", type=int, help="fixed validation batches (default: 50)")
-    g.add_argument("--seed", type=int, help="random seed (default: 0)")
-    g.add_argument("--out", help="output folder (default: runs/<task>-<optimizer>)")
+    add_options(g, TrainConfig, run_fields)
     g.add_argument(
         "--resume",
         nargs="?",
@@ -102,61 +161,37 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         metavar="CHECKPOINT",
         help="continue from CHECKPOINT (default: <out>/checkpoint.pt)",
     )
-    g.add_argument("--data", help="Tiny Shakespeare text file (default: $NOGRAD_DATA, cache, download)")
-    g.add_argument("--device", help="cpu or cuda (default: cpu)")
-    g.add_argument(
-        "--threads",
-        type=int,
-        help="torch CPU threads (default: one per core; 1 is often fastest for small models)",
+    add_options(
+        p.add_argument_group(f"task {task.name} (`nograd train --task NAME --help` for another task's)"),
+        task.Config,
     )
-    g.add_argument("--quiet", action="store_true", default=None, help="no progress bar or eval lines")
-    g.add_argument("--sample-chars", type=int, help="characters of the final sample (default: 300)")
-    g = p.add_argument_group("model")
-    g.add_argument("--n-layer", type=int, help="transformer blocks (default: 4)")
-    g.add_argument("--n-head", type=int, help="attention heads (default: 4)")
-    g.add_argument("--n-embd", type=int, help="embedding width (default: 128)")
-    g.add_argument("--block-size", type=int, help="context length (default: 64)")
-    g.add_argument("--dropout", type=float, help="dropout rate (default: 0)")
-    g.add_argument("--attention", choices=("sdpa", "math"), help="attention kernel (default: sdpa)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, help="rows per step (default: 12)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: the method's)")
-    g.add_argument("--warmup", type=int, help="linear warmup steps (default: 100)")
-    g.add_argument("--lr-decay-steps", type=int, help="end of the cosine decay (default: --steps)")
-    g.add_argument("--min-lr-ratio", type=float, help="final lr as a fraction of --lr (default: 0.1)")
-    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (default: the method's)")
+    add_options(p.add_argument_group("learning-rate schedule"), TrainConfig, SCHEDULE_FIELDS)
     g = p.add_argument_group("forward-only methods (default: the method's own)")
-    g.add_argument("--population", type=int, help="population size / perturbations per step")
-    g.add_argument("--sigma", type=float, help="perturbation scale for ES")
-    g.add_argument("--rank", type=int, help="rank of low-rank perturbations")
-    g.add_argument("--eps", type=float, help="finite-difference step for zeroth-order methods")
-    g.add_argument("--directions", type=int, help="random directions per step for zeroth-order methods")
-    g.add_argument("--outer", help="outer optimizer applied to an ES gradient estimate")
+    add_options(g, TrainConfig, FORWARD_ONLY_FIELDS)
     g.add_argument(
         "--opt",
         action="append",
         metavar="KEY=VALUE",
         help="method-specific option (repeatable), e.g. --opt beta2=0.95",
     )
+    p.set_defaults(_task=task.name)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
     """A TrainConfig from parsed ``train`` flags, and the set of fields the user gave."""
-    from nograd.train import TrainConfig
+    from nograd.tasks import get_task
+    from nograd.workbench.config import make_config, shared_fields
 
-    given: dict = {}
-    for f in fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            given[f.name] = value
+    names = shared_fields() + [f.name for f in fields(get_task(args._task).Config)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if args.opt:
         given["opts"] = dict(parse_opt(o) for o in args.opt)
-    return TrainConfig(**given), set(given)
+    return make_config(**{"task": args._task, **given}), set(given)
 
 
 @command("train", "train a model with one optimizer", _train_args)
 def cmd_train(args: argparse.Namespace) -> int:
-    from nograd.train import train
+    from nograd.workbench import train
 
     cfg, explicit = config_from_args(args)
     train(cfg, explicit=explicit)
@@ -166,7 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- sample
 
 
-def _sample_args(p: argparse.ArgumentParser) -> None:
+def _sample_args(p: argparse.ArgumentParser, argv: list[str]) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `nograd train`")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--chars", type=int, default=300, help="characters to generate (default: 300)")
@@ -177,10 +212,8 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 @command("sample", "generate text from a checkpoint", _sample_args)
 def cmd_sample(args: argparse.Namespace) -> int:
-    from nograd.checkpoint import load_checkpoint
-    from nograd.data import CharVocab
-    from nograd.models.gpt import GPT, GPTConfig
-    from nograd.tasks.shakespeare import generate_text
+    from nograd.tasks import get_task
+    from nograd.workbench.checkpoint import load_checkpoint
 
     if args.chars < 0:
         raise UsageError(f"--chars must be >= 0, got {args.chars}")
@@ -191,23 +224,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     ckpt = load_checkpoint(args.checkpoint)
-    try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        vocab = CharVocab(ckpt["task_meta"]["vocab"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UsageError(
-            f"checkpoint {args.checkpoint!r} does not hold a usable model ({type(e).__name__})"
-        ) from None
-    text = generate_text(model, vocab, args.prompt, args.chars, args.temperature, args.top_k, args.seed)
-    print(text)
+    config = ckpt.get("config")
+    task = get_task(config.get("task", "") if isinstance(config, dict) else "")
+    generate = getattr(task, "generate", None)
+    if generate is None:
+        raise UsageError(f"task {task.name} does not generate text")
+    print(generate(ckpt, args.prompt, args.chars, args.temperature, args.top_k, args.seed))
     return 0
 
 
 # ---------------------------------------------------------------- replay
 
 
-def _replay_args(p: argparse.ArgumentParser) -> None:
+def _replay_args(p: argparse.ArgumentParser, argv: list[str]) -> None:
     p.add_argument("--checkpoint", required=True, help="the initial weights (e.g. trajectory.jsonl.init.pt)")
     p.add_argument("--log", required=True, help="trajectory.jsonl written with --opt trajectory=auto|PATH")
     p.add_argument("--out", required=True, help="where to write the replayed weights")
@@ -217,7 +246,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     "replay", "rebuild a ZO run's final weights from its initial weights and trajectory log", _replay_args
 )
 def cmd_replay(args: argparse.Namespace) -> int:
-    from nograd.zo.replay import replay_command
+    from nograd.workbench.replay import replay_command
 
     try:
         result = replay_command(args.checkpoint, args.log, args.out)
@@ -231,9 +260,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- optimizers
 
 
-@command("optimizers", "list the registered optimizers", lambda p: None)
+@command("optimizers", "list the registered optimizers", lambda p, argv: None)
 def cmd_optimizers(args: argparse.Namespace) -> int:
-    from nograd.methods import load_methods
+    from nograd.workbench.registry import load_methods
 
     methods = load_methods()
     width = max(len(n) for n in methods)
@@ -244,12 +273,57 @@ def cmd_optimizers(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- tasks
+
+
+@command(
+    "tasks", "list the tasks (`nograd train --task NAME --help` lists one's flags)", lambda p, argv: None
+)
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from nograd.tasks import TASKS
+
+    width = max(len(n) for n in TASKS)
+    for name in sorted(TASKS):
+        print(f"{name:<{width}}  {TASKS[name].summary}")
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+
+def _bench_args(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    from nograd.bench import BENCHES
+
+    names = ", ".join(f"{n} ({s})" for n, (_, s) in BENCHES.items())
+    p.add_argument("name", metavar="NAME", help=f"one of: {names}")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (see NAME --help)")
+
+
+@command("bench", "run a benchmark and print its figures as JSON", _bench_args)
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nograd.bench import BENCHES, POPULATION_BENCHES, get
+    from nograd.core.allocator import retain_freed_memory
+
+    if args.name not in BENCHES:
+        raise UsageError(f"unknown benchmark {args.name!r}; choose from {', '.join(BENCHES)}")
+    if args.name in POPULATION_BENCHES:
+        retain_freed_memory()  # as `nograd train` does for the population methods
+    try:
+        result = get(args.name)(list(args.options))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
+    """The ``nograd`` parser; ``argv`` lets a command shape its flags (``train --task NAME``)."""
     for module in COMMAND_MODULES:
         importlib.import_module(module)
+    argv = list(argv)
     parser = ArgumentParser(
         prog=PROG, description="Train neural networks with forward passes only, and compare with gradients."
     )
@@ -257,7 +331,7 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        cmd.configure(p)
+        cmd.configure(p, argv[1:] if argv and argv[0] == cmd.name else [])
         p.set_defaults(_run=cmd.run)
     return parser
 
@@ -265,7 +339,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nograd`` script; returns the exit status."""
     try:
-        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         if not getattr(args, "_run", None):
             parser.print_help(sys.stderr)

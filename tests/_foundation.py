@@ -36,7 +36,7 @@ def small_text(tmp_path: Path) -> Path:
 
 def tiny_config(tmp_path: Path, **overrides):
     """A TrainConfig for a model small enough to train a few steps in well under a second."""
-    from nograd.train import TrainConfig
+    from nograd.workbench import make_config
 
     base = dict(
         data=str(small_text(tmp_path)),
@@ -54,7 +54,7 @@ def tiny_config(tmp_path: Path, **overrides):
         sample_chars=20,
     )
     base.update(overrides)
-    return TrainConfig(**base)
+    return make_config(**base)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

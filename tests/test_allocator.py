@@ -1,4 +1,4 @@
-"""nograd.allocator: freed memory is reused instead of faulted in again (glibc)."""
+"""nograd.core.allocator: freed memory is reused instead of faulted in again (glibc)."""
 
 import argparse
 import json
@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from nograd import allocator
+from nograd.core import allocator
 
 PROBE = """
 import json, resource, sys, torch
-from nograd.allocator import retain_freed_memory
+from nograd.core.allocator import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else False
 faults = []
 for _ in range(16):  # like a training step: the same few activations made, written and freed
@@ -74,24 +74,26 @@ def test_training_retains_for_populations_only(
 ) -> None:
     """Evolution strategies keep freed memory; zeroth-order methods (inference memory) and
     gradient baselines keep glibc's defaults."""
-    import nograd.train as train_mod
-    from nograd.train import TrainConfig
+    import nograd.workbench.loop as train_mod
+    from nograd.workbench import make_config
 
     calls = []
     monkeypatch.setattr(train_mod, "retain_freed_memory", lambda: calls.append(1) or True)
-    monkeypatch.setattr(train_mod, "build_task", lambda cfg: (_ for _ in ()).throw(RuntimeError("stop")))
-    cfg = TrainConfig(optimizer=optimizer, out=str(tmp_path), data=str(tmp_path / "unused.txt"))
+    monkeypatch.setattr(train_mod, "get_task", lambda name: (_ for _ in ()).throw(RuntimeError("stop")))
+    cfg = make_config(optimizer=optimizer, out=str(tmp_path), data=str(tmp_path / "unused.txt"))
     with pytest.raises(RuntimeError, match="stop"):  # stop right after the process-wide settings
         train_mod.train(cfg)
     assert calls == ([1] if retained else [])
 
 
 def test_population_benches_retain(monkeypatch: pytest.MonkeyPatch) -> None:
-    import nograd.bench.command as command
+    import nograd.bench
+    import nograd.core.allocator
+    from nograd.cli import cmd_bench
 
     calls = []
-    monkeypatch.setattr(command, "retain_freed_memory", lambda: calls.append(1) or True)
-    monkeypatch.setattr(command, "get", lambda name: lambda argv: {"ok": True})
+    monkeypatch.setattr(nograd.core.allocator, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(nograd.bench, "get", lambda name: lambda argv: {"ok": True})
     for name, expected in (("throughput", 1), ("es", 2), ("memory", 2)):
-        assert command.cmd_bench(argparse.Namespace(name=name, options=[])) == 0
+        assert cmd_bench(argparse.Namespace(name=name, options=[])) == 0
         assert len(calls) == expected  # memory measures peak RSS: glibc's defaults there

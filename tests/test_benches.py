@@ -7,7 +7,7 @@ import math
 import pytest
 
 from nograd.bench import get
-from nograd.noise import TABLE_SIZE
+from nograd.core.noise import TABLE_SIZE
 
 
 def test_throughput_bench_reports_ratios() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nograd.checkpoint import load_checkpoint, save_checkpoint
-from nograd.errors import UsageError
+from nograd.core.errors import UsageError
+from nograd.workbench.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _state() -> dict:

@@ -6,8 +6,8 @@ import pytest
 from _foundation import run_cli, small_text, tiny_config
 
 from nograd.cli import main, parse_opt
-from nograd.errors import UsageError
-from nograd.train import train
+from nograd.core.errors import UsageError
+from nograd.workbench import train
 
 
 def _assert_usage_error(r, *needles: str) -> None:
@@ -124,7 +124,7 @@ def test_replay_command_rebuilds_a_mezo_run(tmp_path, capsys):
     """`nograd train --opt trajectory=auto` then `nograd replay`: the final weights, bit for bit."""
     import torch
 
-    from nograd.checkpoint import load_checkpoint
+    from nograd.workbench.checkpoint import load_checkpoint
 
     cfg = tiny_config(tmp_path, optimizer="mezo", lr=1e-3, opts={"trajectory": "auto"})
     train(cfg)

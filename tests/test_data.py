@@ -8,9 +8,9 @@ import pytest
 import torch
 from _foundation import shakespeare_path
 
-from nograd import data
-from nograd.data import BatchSampler, CharData, CharVocab, fixed_batches
-from nograd.errors import UsageError
+from nograd.core.errors import UsageError
+from nograd.tasks import data
+from nograd.tasks.data import BatchSampler, CharData, CharVocab, fixed_batches
 
 
 def test_nanogpt_split_and_vocabulary():

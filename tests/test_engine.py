@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-import nograd.engine as engine
-from nograd.engine import (
+import nograd.core.engine as engine
+from nograd.core.engine import (
     BatchedPerturbation,
     InPlacePerturbation,
     ParamSpace,
@@ -20,8 +20,8 @@ from nograd.engine import (
     evaluate_population,
     member_directions,
 )
-from nograd.noise import BLOCK, SMALL, TABLE_SIZE, SeededNoise, mirrored
-from nograd.shaping import NonFiniteFitnessError, centered_ranks, sanitize, shape, zscore
+from nograd.core.noise import BLOCK, SMALL, TABLE_SIZE, SeededNoise, mirrored
+from nograd.core.shaping import NonFiniteFitnessError, centered_ranks, sanitize, shape, zscore
 
 
 class Scaled(nn.Module):
@@ -112,7 +112,7 @@ def test_small_tensor_noise_same_alone_or_stacked():
 
 def test_noise_same_across_processes():
     code = (
-        "import torch; from nograd.noise import SeededNoise;"
+        "import torch; from nograd.core.noise import SeededNoise;"
         "z = SeededNoise(11).full((1000,), generation=3, member=1, index=2);"
         "print(repr(z.double().sum().item()), repr(z[:3].tolist()))"
     )

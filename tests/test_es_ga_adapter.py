@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from nograd.functions import sphere
-from nograd.shaping import NonFiniteFitnessError
+from nograd.core.shaping import NonFiniteFitnessError
+from nograd.strategies.functions import sphere
 from nograd.strategies.ga import GA
 from nograd.strategies.module_adapter import ModuleAdapter
 

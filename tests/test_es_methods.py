@@ -8,12 +8,12 @@ import io
 import pytest
 import torch
 
-from nograd.errors import UsageError
-from nograd.methods import get_method, load_methods
-from nograd.methods_es import ES_DEFAULTS, ES_METHODS
+from nograd.core.errors import UsageError
 from nograd.models.gpt import GPT, GPTConfig
 from nograd.tasks.shakespeare import per_example_loss
-from nograd.train import TrainConfig
+from nograd.workbench import TrainConfig
+from nograd.workbench.methods_es import ES_DEFAULTS, ES_METHODS
+from nograd.workbench.registry import get_method, load_methods
 
 
 @pytest.fixture(autouse=True)
@@ -158,5 +158,5 @@ def test_outer_names_accepted_by_the_config(outer: str) -> None:
 
 
 def test_unknown_outer_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="--outer 'lion'"):
+    with pytest.raises(UsageError, match="--outer must be one of adamw, adam, sgd, muon, got 'lion'"):
         TrainConfig(optimizer="eggroll", outer="lion").validate()

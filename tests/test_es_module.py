@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from nograd.noise import SeededNoise
-from nograd.shaping import NonFiniteFitnessError
+from nograd.core.noise import SeededNoise
+from nograd.core.shaping import NonFiniteFitnessError
 from nograd.strategies.eggroll import EGGROLL, group_zscore
 from nograd.strategies.module_es import ModuleES
 from nograd.strategies.openai_es import OpenAIES

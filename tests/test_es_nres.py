@@ -15,7 +15,7 @@ from nograd.bench.nres_tbptt import (
     train_tbptt,
     unroll,
 )
-from nograd.shaping import NonFiniteFitnessError
+from nograd.core.shaping import NonFiniteFitnessError
 from nograd.strategies.nres import NRES
 
 

@@ -10,7 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nograd.functions import (
+from nograd.core.noise import SeededNoise
+from nograd.core.shaping import NonFiniteFitnessError
+from nograd.strategies import ASK_TELL, CEM, CMAES, LMMAES, PGPE, SNES, RmES, SepCMAES, Strategy
+from nograd.strategies.functions import (
     FUNCTIONS,
     ellipsoid,
     optimum,
@@ -19,9 +22,6 @@ from nograd.functions import (
     separable_ellipsoid,
     sphere,
 )
-from nograd.noise import SeededNoise
-from nograd.shaping import NonFiniteFitnessError
-from nograd.strategies import ASK_TELL, CEM, CMAES, LMMAES, PGPE, SNES, RmES, SepCMAES, Strategy
 
 # the flat-vector strategies of this module (others may register more in ASK_TELL)
 ALL = ["cem", "cma", "lm-ma-es", "pgpe", "rm-es", "sep-cma", "snes"]

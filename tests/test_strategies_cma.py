@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from nograd.bench_cma_oracle import SETUPS, rastrigin_x0, run_ours, run_pycma, single_threaded_blas
-from nograd.functions import FUNCTIONS, ellipsoid, rastrigin, separable_ellipsoid
+from nograd.bench.cma_oracle import SETUPS, rastrigin_x0, run_ours, run_pycma, single_threaded_blas
 from nograd.strategies import CMAES, SepCMAES
+from nograd.strategies.functions import FUNCTIONS, ellipsoid, rastrigin, separable_ellipsoid
 
 cma = pytest.importorskip("cma")
 
@@ -189,7 +189,7 @@ def test_sep_cma_one_generation_by_hand() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# pycma oracle (reduced for CI; the full 10-seed x {10, 40} table: python -m nograd.bench_cma_oracle)
+# pycma oracle (reduced for CI; the full 10-seed x {10, 40} table: python -m nograd.bench.cma_oracle)
 ORACLE_CASES = [("sphere", 10, 3), ("ellipsoid", 10, 3), ("rosenbrock", 10, 3), ("sphere", 40, 3)]
 
 

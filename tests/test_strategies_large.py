@@ -26,8 +26,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nograd.functions import cigar, ellipsoid, separable_ellipsoid, sphere
 from nograd.strategies import CEM, LMMAES, PGPE, SNES, RmES, SepCMAES, Strategy
+from nograd.strategies.functions import cigar, ellipsoid, separable_ellipsoid, sphere
 
 
 @pytest.fixture(autouse=True, scope="module")

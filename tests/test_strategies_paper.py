@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from nograd.functions import ellipsoid, rosenbrock, sphere
-from nograd.shaping import centered_ranks
+from nograd.core.shaping import centered_ranks
 from nograd.strategies import CEM, LMMAES, PGPE, SNES, RmES
+from nograd.strategies.functions import ellipsoid, rosenbrock, sphere
 
 
 @pytest.fixture(autouse=True, scope="module")

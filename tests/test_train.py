@@ -10,10 +10,18 @@ import pytest
 import torch
 from _foundation import run_cli, tiny_config
 
-from nograd.checkpoint import load_checkpoint
-from nograd.errors import UsageError
-from nograd.methods import METHODS, Method, StepResult, get_method, load_methods, parse_opts, register_method
-from nograd.train import TrainConfig, lr_scale, resume_config, train
+from nograd.core.errors import UsageError
+from nograd.workbench import TrainConfig, lr_scale, make_config, resume_config, train
+from nograd.workbench.checkpoint import load_checkpoint
+from nograd.workbench.registry import (
+    METHODS,
+    Method,
+    StepResult,
+    get_method,
+    load_methods,
+    parse_opts,
+    register_method,
+)
 
 
 def test_schedule_warmup_then_cosine_to_a_tenth():
@@ -43,13 +51,13 @@ def test_schedule_warmup_then_cosine_to_a_tenth():
         (dict(dropout=1.0), "--dropout"),
         (dict(sigma=0.0), "--sigma"),
         (dict(population=-4), "--population"),
-        (dict(outer="nope"), "unknown --outer"),
+        (dict(outer="nope"), "--outer must be one of"),
         (dict(min_lr_ratio=2.0), "--min-lr-ratio"),
     ],
 )
 def test_validation(changes, message):
     with pytest.raises(UsageError, match=message):
-        replace(TrainConfig(), **changes).validate()
+        make_config(**changes).validate()
 
 
 def test_registry_and_opts():
@@ -139,7 +147,8 @@ def _assert_identical(a: dict, b: dict) -> None:
 
 def test_exact_resume_in_a_new_process(tmp_path):
     # 6 steps in one go ...
-    one = tiny_config(tmp_path, out=str(tmp_path / "one"), dropout=0.1)  # dropout: the global RNG matters too
+    # dropout: the global RNG matters too
+    one = tiny_config(tmp_path, out=str(tmp_path / "one"), dropout=0.1)
     train(one)
     # ... versus 3 steps (same schedule horizon), then 3 more from the checkpoint in a fresh process.
     two = replace(one, out=str(tmp_path / "two"), steps=3, lr_decay_steps=6)
@@ -185,12 +194,12 @@ def test_exact_resume_muon(tmp_path):
 def test_resume_rejects_conflicting_flags(tmp_path):
     cfg = tiny_config(tmp_path, steps=2)
     train(cfg)
-    resumed = replace(cfg, resume="auto", n_embd=32, steps=4)
+    resumed = replace(cfg, resume="auto", task_config=replace(cfg.task_config, n_embd=32), steps=4)
     with pytest.raises(UsageError, match="--n-embd 32 differs from the checkpoint's 16"):
         train(resumed, explicit={"n_embd", "resume", "steps"})
     # Fields the user did not give come from the checkpoint.
     merged = resume_config(cfg, replace(TrainConfig(), steps=9, out=cfg.out), explicit={"steps"})
-    assert merged.n_embd == 16 and merged.steps == 9
+    assert merged.task_config.n_embd == 16 and merged.steps == 9
 
 
 def test_training_reduces_loss(tmp_path):
@@ -203,7 +212,7 @@ def test_training_reduces_loss(tmp_path):
 def test_progress_bar_only_on_a_terminal():
     import io
 
-    from nograd.train import Progress
+    from nograd.workbench.progress import Progress
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:

@@ -1,4 +1,4 @@
-"""The zeroth-order optimizers as trainer methods (nograd.methods_zo)."""
+"""The zeroth-order optimizers as trainer methods (nograd.workbench.methods_zo)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from nograd import methods_zo  # noqa: F401  (registers the methods)
-from nograd.errors import UsageError
-from nograd.methods import METHODS, StepResult, load_methods
+import nograd.workbench.methods_zo  # noqa: F401  (registers the methods)
+from nograd.core.errors import UsageError
 from nograd.models.gpt import GPT, GPTConfig
 from nograd.tasks.shakespeare import per_example_loss
-from nograd.train import TrainConfig
-from nograd.zo.replay import replay_command
+from nograd.workbench import TrainConfig
+from nograd.workbench.registry import METHODS, StepResult, load_methods
+from nograd.workbench.replay import replay_command
 
 NAMES = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "hizoo", "forward-grad"]
 FORWARDS = {"mezo": 4, "zo-sign": 4, "zo-momentum": 4, "zo-adam": 4, "hizoo": 5, "forward-grad": 6}

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nograd
+from nograd.core.shaping import NonFiniteFitnessError
 from nograd.models.gpt import GPT, GPTConfig
-from nograd.shaping import NonFiniteFitnessError
 from nograd.zo import ForwardGradient, HiZOO, MeZO, ZOAdam, ZOMomentum, ZOSign
 
 

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nograd.checkpoint import load_checkpoint, save_checkpoint
-from nograd.errors import UsageError
+from nograd.core.errors import UsageError
 from nograd.models.gpt import GPT, GPTConfig
+from nograd.workbench.checkpoint import load_checkpoint, save_checkpoint
+from nograd.workbench.replay import replay_command
 from nograd.zo import ForwardGradient, HiZOO, MeZO, ZOAdam, ZOMomentum, ZOSign, read_trajectory, replay
-from nograd.zo.replay import replay_command
 
 
 @pytest.fixture(autouse=True)

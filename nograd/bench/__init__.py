@@ -21,7 +21,7 @@ class BenchArgumentParser(argparse.ArgumentParser):
 
 # name -> (module path, one-line summary); modules are imported lazily
 BENCHES: dict[str, tuple[str, str]] = {}
-# benchmarks of population evaluation: run with freed memory kept (nograd.allocator)
+# benchmarks of population evaluation: run with freed memory kept (nograd.core.allocator)
 POPULATION_BENCHES = frozenset({"throughput", "es", "nres"})
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine import BatchedPerturbation, ParamSpace, accumulate, member_directions
+from ..core.engine import BatchedPerturbation, ParamSpace, accumulate, member_directions
+from ..core.noise import SeededNoise
 from ..models.gpt import GPT, GPTConfig
-from ..noise import SeededNoise
 from . import BenchArgumentParser
 from .timing import interleaved_medians
 

@@ -15,7 +15,7 @@ key            class                      reference
 =============  =========================  =====================================================
 
 Example:
-    >>> from nograd.functions import sphere
+    >>> from nograd.strategies.functions import sphere
     >>> es = ASK_TELL["sep-cma"]([0.5] * 10, sigma=0.3, seed=0)
     >>> for _ in range(50):
     ...     es.tell(sphere(es.ask()))

@@ -2,7 +2,7 @@
 
 A :class:`Strategy` samples ``popsize`` candidates per generation around ``mean``. Every
 standard-normal vector it uses is regenerated from ``(seed, generation, member, index)`` by
-:class:`nograd.noise.SeededNoise`, so the population is *lazy*: :meth:`Strategy.member` rebuilds one
+:class:`nograd.core.noise.SeededNoise`, so the population is *lazy*: :meth:`Strategy.member` rebuilds one
 candidate from seeds, and :meth:`Strategy.tell` re-derives what it needs (usually a few weighted sums
 of the samples) without keeping a ``popsize x dim`` matrix alive for large ``dim``. When
 ``popsize * dim <= cache_elements`` the generation's samples are cached instead (pure speed-up: the
@@ -10,10 +10,10 @@ numbers are the same).
 
 Conventions: fitness values are **losses, lower is better** (as in pycma). NaN/inf losses are
 ranked worst and counted in ``nonfinite``; a generation in which every loss is non-finite raises
-:class:`nograd.shaping.NonFiniteFitnessError` and leaves the state untouched.
+:class:`nograd.core.shaping.NonFiniteFitnessError` and leaves the state untouched.
 
 Example:
-    >>> from nograd.functions import sphere
+    >>> from nograd.strategies.functions import sphere
     >>> from nograd.strategies import CMAES
     >>> es = CMAES([1.0] * 5, sigma=0.5, seed=1)
     >>> x, f = es.optimize(sphere, max_evals=3000, target=1e-10)
@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from nograd.noise import SeededNoise
-from nograd.shaping import sanitize
+from nograd.core.noise import SeededNoise
+from nograd.core.shaping import sanitize
 
 __all__ = ["DiagonalStd", "Strategy", "default_popsize", "expected_norm", "log_weights"]
 
@@ -72,9 +72,9 @@ class Strategy:
         sigma: initial step size (> 0).
         popsize: candidates per generation; ``None`` picks the strategy's default
             (``4 + floor(3 ln dim)`` for most).
-        seed: seed of the :class:`~nograd.noise.SeededNoise` every sample is regenerated from.
+        seed: seed of the :class:`~nograd.core.noise.SeededNoise` every sample is regenerated from.
         noise: ``"gaussian"`` or ``"gaussian-table"`` (the shared noise table: faster draws, see
-            :mod:`nograd.noise`); the update equations assume Gaussian samples.
+            :mod:`nograd.core.noise`); the update equations assume Gaussian samples.
         **paper_params: strategy hyperparameters, keyword-only in each subclass.
 
     Attributes:

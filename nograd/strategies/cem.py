@@ -18,7 +18,7 @@ et al. recommend), no extra noise. Because ``μ̂ = μ + σ ⊙ mean(z_E)`` and
 ``σ̂^2 = σ^2 ⊙ (mean(z_E^2) - mean(z_E)^2)``, ``tell`` only regenerates the elites' ``z`` from seeds.
 
 Example:
-    >>> from nograd.functions import sphere
+    >>> from nograd.strategies.functions import sphere
     >>> es = CEM([1.0] * 10, sigma=0.5, popsize=40, seed=0, extra_noise=0.01, extra_noise_decay=2e-4)
     >>> x, f = es.optimize(sphere, max_evals=20000, target=1e-8)
     >>> f <= 1e-8

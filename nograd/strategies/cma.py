@@ -36,7 +36,7 @@ The eigendecomposition ``C = B D^2 B^T`` is refreshed lazily, every
 O(n^2 λ). Memory is O(n^2): beyond ``max_dim`` (default 2000) use sep-CMA-ES or LM-MA-ES.
 
 Example:
-    >>> from nograd.functions import ellipsoid
+    >>> from nograd.strategies.functions import ellipsoid
     >>> es = CMAES(torch.ones(8, dtype=torch.float64), sigma=1.0, seed=0)
     >>> x, f = es.optimize(ellipsoid, max_evals=20000, target=1e-8)
     >>> f <= 1e-8

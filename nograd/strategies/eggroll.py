@@ -20,7 +20,7 @@ The update ``mu_{t+1} = mu_t + alpha/N sum_i f_i E_i`` is, written as a loss gra
     g = 1/(P sigma) sum_i u_i s_i E_i = 1/(P sigma sqrt(r)) [A*c] B^T   (one GEMM per matrix),
 
 with ``A*c`` the factors stacked over directions and scaled by their coefficients
-(:func:`nograd.engine.accumulate`). ``g`` goes into ``.grad`` for any torch optimizer (the
+(:func:`nograd.core.engine.accumulate`). ``g`` goes into ``.grad`` for any torch optimizer (the
 paper's experiments use Adam or SGD), so the summed low-rank perturbations give a full-rank step.
 The default here is ``r = 1``, the cheapest setting and the reference implementation's noiser
 default; the paper works with small ranks and shows the low-rank update approaches full-rank ES
@@ -51,7 +51,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..shaping import SHAPINGS, sanitize, shape
+from ..core.shaping import SHAPINGS, sanitize, shape
 from .module_es import ModuleES
 
 

@@ -25,7 +25,7 @@ creating a member costs one noise draw, not a replay of its chain. ``mean`` hold
 
 Example:
     >>> import torch
-    >>> from nograd.functions import sphere
+    >>> from nograd.strategies.functions import sphere
     >>> ga = GA(torch.full((10,), 1.0), sigma=0.1, popsize=50, seed=0)
     >>> for _ in range(60):
     ...     ga.tell(sphere(ga.ask()))
@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..noise import SeededNoise, derive_key
+from ..core.noise import SeededNoise, derive_key
 from .base import F64, Strategy, Tensor
 
 _PARENT = 0x50415245  # tags of the two seed streams derived from the run seed

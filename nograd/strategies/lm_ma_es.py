@@ -25,7 +25,7 @@ selected ``z`` from seeds (in chunks), sums them and transforms once. ``ask`` ap
 transforms to the whole population with matrix ops.
 
 Example:
-    >>> from nograd.functions import sphere
+    >>> from nograd.strategies.functions import sphere
     >>> es = LMMAES([1.0] * 200, sigma=0.5, seed=0)
     >>> x, f = es.optimize(sphere, max_evals=40000, target=1e-6)
     >>> f <= 1e-6

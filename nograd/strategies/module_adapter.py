@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..engine import ParamSpace
+from ..core.engine import ParamSpace
 from . import ASK_TELL
 from .base import Strategy
 from .ga import GA

@@ -13,7 +13,7 @@ Sarkar et al. 2025, arXiv 2511.16652 for the low-rank variant):
       g = 1 / (P sigma) * sum_m u_m s_m E_{d_m},
 
   i.e. coefficient ``c_d = (u_{2d} - u_{2d+1}) / (P sigma)`` per direction, rebuilt from the
-  seeds by :func:`nograd.engine.accumulate` (one GEMM per low-rank matrix);
+  seeds by :func:`nograd.core.engine.accumulate` (one GEMM per low-rank matrix);
 * the step: ``g + weight_decay * theta`` goes into ``.grad`` and the user's torch optimizer
   steps (SGD, Adam, AdamW, Muon, ...), or without an optimizer the in-place SGD step
   ``theta <- theta (1 - lr wd) - lr g`` is applied with no model-sized buffer.
@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import BatchedPerturbation, InPlacePerturbation, ParamSpace, accumulate, member_directions
-from ..noise import DISTRIBUTIONS, SeededNoise
-from ..shaping import SHAPINGS, NonFiniteFitnessError, shape
+from ..core.engine import BatchedPerturbation, InPlacePerturbation, ParamSpace, accumulate, member_directions
+from ..core.noise import DISTRIBUTIONS, SeededNoise
+from ..core.shaping import SHAPINGS, NonFiniteFitnessError, shape
 
 MODES = ("batched", "inplace")
 ModuleLossFn = Callable[..., torch.Tensor]
@@ -86,12 +86,12 @@ class ModuleES:
             ``optimizer.step()`` is called. ``None``: in-place SGD with ``lr``.
         lr: learning rate of the in-place SGD step (only without ``optimizer``).
         weight_decay: L2 coefficient added to the estimate (``g + wd * theta``).
-        shaping: ``"centered-ranks"``, ``"zscore"`` or ``"raw"`` (see :mod:`nograd.shaping`).
+        shaping: ``"centered-ranks"``, ``"zscore"`` or ``"raw"`` (see :mod:`nograd.core.shaping`).
         seed: run seed of the noise.
         antithetic: mirrored pairs (recommended); otherwise each member has its own direction.
         mode: ``"batched"`` (all members in one forward) or ``"inplace"`` (one at a time).
         chunk_size: members per forward in batched mode (``None``: all).
-        noise: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"`` (faster, see ``nograd.noise``).
+        noise: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"`` (faster, see ``nograd.core.noise``).
     """
 
     def __init__(
@@ -243,7 +243,7 @@ class ModuleES:
         """Turn the current generation's losses into a step; then move to the next generation.
 
         Non-finite losses are ranked worst and counted; if all are non-finite a
-        :class:`~nograd.shaping.NonFiniteFitnessError` is raised, the weights and optimizer state
+        :class:`~nograd.core.shaping.NonFiniteFitnessError` is raised, the weights and optimizer state
         are left untouched, and the generation still advances (the next try draws new noise).
         """
         losses = torch.as_tensor(losses, dtype=torch.float64).flatten()

@@ -52,9 +52,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import BatchedPerturbation, InPlacePerturbation, ParamSpace, accumulate
-from ..noise import DISTRIBUTIONS, SeededNoise
-from ..shaping import NonFiniteFitnessError
+from ..core.engine import BatchedPerturbation, InPlacePerturbation, ParamSpace, accumulate
+from ..core.noise import DISTRIBUTIONS, SeededNoise
+from ..core.shaping import NonFiniteFitnessError
 
 State = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
 MODES = ("batched", "inplace")
@@ -256,7 +256,7 @@ class NRES:
     def step(self, unroll: Callable[..., tuple[State, torch.Tensor]]) -> torch.Tensor:
         """Unroll every member one window, update ``theta``; returns the members' window losses (P,).
 
-        If every loss is NaN/inf a :class:`~nograd.shaping.NonFiniteFitnessError` is raised with the
+        If every loss is NaN/inf a :class:`~nograd.core.shaping.NonFiniteFitnessError` is raised with the
         weights untouched; the states still advance. Non-finite members contribute nothing (their
         worker's estimate is dropped and counted).
         """

@@ -5,7 +5,7 @@ gradients", Neural Networks 23(4) (with symmetric sampling); Toklu, Liskowski & 
 (2020), "ClipUp: a simple and powerful optimizer for distribution-based policy evolution" (PPSN XVI).
 
 Symmetric sampling draws ``P = λ/2`` perturbations ``ε_k = σ ⊙ z_k`` and evaluates the pair
-``μ + ε_k`` (member ``2k``) and ``μ - ε_k`` (member ``2k+1``, see :func:`nograd.noise.mirrored`).
+``μ + ε_k`` (member ``2k``) and ``μ - ε_k`` (member ``2k+1``, see :func:`nograd.core.noise.mirrored`).
 Losses are turned into centered ranks ``u ∈ [-0.5, 0.5]`` (worst = +0.5), and with
 ``u_k^± `` the utilities of the pair and ``b`` their mean (baseline)::
 
@@ -26,7 +26,7 @@ most ``stdev_max_change`` per generation (a common PGPE safeguard; ``None`` disa
 initial search distribution over 15): it is the main knob to tune.
 
 Example:
-    >>> from nograd.functions import sphere
+    >>> from nograd.strategies.functions import sphere
     >>> es = PGPE([1.0] * 100, sigma=0.3, popsize=50, seed=0)
     >>> x, f = es.optimize(sphere, max_evals=20000)
     >>> f < 1.0
@@ -40,8 +40,8 @@ from collections.abc import Sequence
 
 import torch
 
-from nograd.noise import mirrored
-from nograd.shaping import centered_ranks
+from nograd.core.noise import mirrored
+from nograd.core.shaping import centered_ranks
 from nograd.strategies.base import F64, DiagonalStd, Strategy, _check_range, default_popsize
 
 __all__ = ["PGPE"]

@@ -31,7 +31,7 @@ The first generation has no predecessor and leaves σ unchanged. The scalars ``r
 ``(z, r)``, so ``tell`` only regenerates ``Σ w_i z_{i:λ}`` (in chunks) and ``Σ w_i r_{i:λ}``.
 
 Example:
-    >>> from nograd.functions import sphere
+    >>> from nograd.strategies.functions import sphere
     >>> es = RmES([1.0] * 200, sigma=0.5, seed=0)
     >>> x, f = es.optimize(sphere, max_evals=40000, target=1e-6)
     >>> f <= 1e-6

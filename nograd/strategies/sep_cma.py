@@ -21,7 +21,7 @@ No negative weights (as in the paper). One generation, ``z_k ~ N(0, I)``, ``d = 
 chunks, so nothing of size ``λ x n`` is needed.
 
 Example:
-    >>> from nograd.functions import separable_ellipsoid
+    >>> from nograd.strategies.functions import separable_ellipsoid
     >>> es = SepCMAES([1.0] * 20, sigma=1.0, seed=0)
     >>> x, f = es.optimize(separable_ellipsoid, max_evals=30000, target=1e-8)
     >>> f <= 1e-8

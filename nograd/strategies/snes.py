@@ -15,7 +15,7 @@ The utilities are rank-based (fitness shaping), so only the order of the losses 
 regenerates the samples from seeds in chunks to form the two weighted sums.
 
 Example:
-    >>> from nograd.functions import sphere
+    >>> from nograd.strategies.functions import sphere
     >>> es = SNES([1.0] * 100, sigma=0.5, seed=0)
     >>> x, f = es.optimize(sphere, max_evals=50000, target=1e-6)
     >>> f <= 1e-6

@@ -14,7 +14,7 @@ Estimators (fill ``.grad``, then any torch optimizer steps): :class:`SPSAEstimat
 :class:`HiZOOEstimator`, :class:`ForwardGradientEstimator`.
 
 Trajectories: :func:`replay` rebuilds the final weights from the initial ones and the log;
-:func:`replay_command` is the ``nograd replay`` CLI entry point.
+``nograd replay`` (reading and writing the files) is :mod:`nograd.workbench.replay`.
 """
 
 from .adam import ZOAdam
@@ -24,7 +24,7 @@ from .forward_grad import ForwardGradient
 from .hizoo import HiZOO
 from .mezo import MeZO
 from .momentum import ZOMomentum
-from .replay import read_trajectory, replay, replay_command
+from .replay import read_trajectory, replay
 from .sign import ZOSign
 
 __all__ = [
@@ -42,5 +42,4 @@ __all__ = [
     "ZOSign",
     "read_trajectory",
     "replay",
-    "replay_command",
 ]

@@ -32,9 +32,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..engine import ParamSpace, accumulate
-from ..noise import DISTRIBUTIONS, SeededNoise
-from ..shaping import NonFiniteFitnessError
+from ..core.engine import ParamSpace, accumulate
+from ..core.noise import DISTRIBUTIONS, SeededNoise
+from ..core.shaping import NonFiniteFitnessError
 
 TRAJECTORY_FORMAT = "nograd-zo-trajectory"
 TRAJECTORY_VERSION = 1
@@ -127,7 +127,7 @@ def add_estimate_(
 
 
 class ScaledView:
-    """A :class:`ParamSpace` seen by :class:`~nograd.engine.InPlacePerturbation` with per-tensor scales.
+    """A :class:`ParamSpace` seen by :class:`~nograd.core.engine.InPlacePerturbation` with per-tensor scales.
 
     Tensor ``i`` moves by ``alpha * scales[i] * E`` (per-group ``eps``), or by
     ``alpha * scales[i] * E / sqrt(hessian[i])`` when a diagonal Hessian estimate is set (HiZOO's
@@ -329,7 +329,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         ``closure()`` returns the loss as a float or a one-element tensor and must not call
         ``backward()``; it may be non-differentiable. It runs under ``torch.no_grad()``.
-        If every direction's loss is NaN/inf, :class:`~nograd.shaping.NonFiniteFitnessError`
+        If every direction's loss is NaN/inf, :class:`~nograd.core.shaping.NonFiniteFitnessError`
         is raised with the weights and optimizer state untouched; the step counter still
         advances, so a retry draws new noise.
         """
@@ -465,7 +465,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 class SGDRule:
     """Mixin: ``theta <- theta - lr (g_hat + wd theta)`` with no model-sized buffer.
 
-    With one param group the update goes through :func:`nograd.engine.accumulate`; with several
+    With one param group the update goes through :func:`nograd.core.engine.accumulate`; with several
     (each its own lr and coefficients) the same block-wise addition runs tensor by tensor.
     """
 

@@ -17,7 +17,7 @@ The optimizers of :mod:`nograd.zo` compose the same estimators with their own up
   2305.17333): ``g_hat = (1/n) sum_k (L(theta + eps z_k) - L(theta - eps z_k)) / (2 eps) z_k``,
   or the one-sided ``(L(theta + eps z_k) - L(theta)) / eps``. Unbiased for the gradient of the
   Gaussian-smoothed loss ``E_z L(theta + eps z)`` (two-sided). Extra memory: none beyond one
-  module's parameters during a perturbed forward (:class:`~nograd.engine.InPlacePerturbation`).
+  module's parameters during a perturbed forward (:class:`~nograd.core.engine.InPlacePerturbation`).
 * :class:`HiZOOEstimator` - HiZOO's Hessian-preconditioned SPSA (Zhao et al. 2024, arXiv
   2402.15173, see :mod:`nograd.zo.hizoo`). Extra memory: one float32 diagonal per parameter.
 * :class:`ForwardGradientEstimator` - forward gradients (Baydin et al. 2022, arXiv 2202.08587):
@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import InPlacePerturbation, ParamSpace, accumulate
-from ..noise import SeededNoise
-from ..shaping import NonFiniteFitnessError
+from ..core.engine import InPlacePerturbation, ParamSpace, accumulate
+from ..core.noise import SeededNoise
+from ..core.shaping import NonFiniteFitnessError
 from .base import Closure, Evaluation, ScaledView, check_common, check_int, check_positive, to_float
 
 
@@ -108,7 +108,8 @@ class SPSAEstimator(_SeededEstimator):
             central difference (2n forwards).
         noise_rank: 0 for dense Gaussian/Rademacher noise; ``r > 0`` perturbs matrices with
             low-rank ``A B^T / sqrt(r)`` noise (EGGROLL), cheaper to regenerate.
-        distribution: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"`` (faster, see ``nograd.noise``).
+        distribution: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"``
+            (faster, see ``nograd.core.noise``).
         seed: noise seed; direction ``k`` of estimate ``t`` is keyed by ``(seed, t, k)``.
         module: map each tensor to the module that registers it instead of running a discovery
             forward. By default the first estimate runs the closure once unperturbed to learn which

@@ -70,11 +70,11 @@ class MeZO(SGDRule, SPSAOptimizer):
       tensors with >= 2 dims (not biases or norm weights).
 
     Directions whose losses are NaN/inf are skipped (``last_info["nonfinite"]``); when all are,
-    :class:`~nograd.shaping.NonFiniteFitnessError` is raised and the weights are untouched.
+    :class:`~nograd.core.shaping.NonFiniteFitnessError` is raised and the weights are untouched.
 
     Memory: no model-sized buffer. The perturbation copies one module's parameters at a time
-    (:class:`~nograd.engine.InPlacePerturbation`, bit-exact restore); the update adds the
-    regenerated noise to the weights block by block (:func:`~nograd.engine.accumulate`).
+    (:class:`~nograd.core.engine.InPlacePerturbation`, bit-exact restore); the update adds the
+    regenerated noise to the weights block by block (:func:`~nograd.core.engine.accumulate`).
     Measured on a 128 MB model (8 x Linear(2048, 2048), float32, CPU): +25 MB peak for a step
     (one Linear's weights plus one 4 MB noise chunk), against +137 MB for ZO-momentum's full
     buffer and +295 MB for ZO-Adam.
@@ -88,7 +88,8 @@ class MeZO(SGDRule, SPSAOptimizer):
             ``requires_grad=True`` are perturbed and updated.
         lr, eps, directions, one_sided, weight_decay: as above.
         noise_rank: 0 for dense noise; ``r > 0`` for low-rank matrix noise ``A B^T / sqrt(r)``.
-        distribution: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"`` (faster, see ``nograd.noise``).
+        distribution: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"``
+            (faster, see ``nograd.core.noise``).
         seed: the noise seed (saved in ``state_dict``, so a resumed run draws the same noise).
         log_path: append each step to this JSONL trajectory log (see :mod:`nograd.zo.replay`).
         trajectory: called with each step's record (a JSON-able dict).

@@ -21,7 +21,7 @@ trainer)::
         return MeZO(model, loss_fn, lr=cfg.lr, eps=cfg.eps or 1e-3, ...)
 
 ``cfg.lr`` is already resolved (``default_lr`` when the user gave none); the
-other method-specific fields of :class:`nograd.train.TrainConfig`
+other method-specific fields of :class:`nograd.workbench.config.TrainConfig`
 (``population``, ``sigma``, ``rank``, ``eps``, ``directions``, ``outer``,
 ``weight_decay``) are ``None`` when the user left them to the method, and
 ``cfg.opts`` holds free-form ``--opt KEY=VALUE`` pairs: read them with
@@ -33,15 +33,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
-from nograd.errors import UsageError
-
-if TYPE_CHECKING:
-    from nograd.train import TrainConfig
+from nograd.core.errors import UsageError
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(model, x, y) -> Tensor (N,)``: the loss of each row of the batch."""
@@ -73,7 +70,9 @@ class Method(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-BuildFn = Callable[[nn.Module, LossFn, "TrainConfig"], Method]
+BuildFn = Callable[[nn.Module, LossFn, Any], Method]
+"""``build(model, loss_fn, cfg) -> Method``, ``cfg`` a :class:`nograd.workbench.config.TrainConfig`
+(typed ``Any`` here because the config module imports this one)."""
 
 OUTER_OPTIMIZERS = ("adamw", "adam", "sgd", "muon")
 """Update rules an ES method can apply to its gradient estimate (``--outer``)."""
@@ -88,24 +87,29 @@ class MethodInfo:
     forward_only: bool  # True when the method never calls backward()
     build: BuildFn
     default_lr: float = 1e-3  # used when the user gives no --lr
+    population: bool = False  # True when a step evaluates a population of perturbed models
 
 
 METHODS: dict[str, MethodInfo] = {}
 """All registered methods by name. Call :func:`load_methods` first to fill it."""
 
-METHOD_MODULES: list[str] = ["nograd.baselines", "nograd.methods_es", "nograd.methods_zo"]
+METHOD_MODULES: list[str] = [
+    "nograd.workbench.methods_grad",
+    "nograd.workbench.methods_es",
+    "nograd.workbench.methods_zo",
+]
 """Modules that register methods when imported; add yours here."""
 
 
 def register_method(
-    name: str, summary: str, forward_only: bool, default_lr: float = 1e-3
+    name: str, summary: str, forward_only: bool, default_lr: float = 1e-3, population: bool = False
 ) -> Callable[[BuildFn], BuildFn]:
     """Decorator that registers ``build(model, loss_fn, cfg) -> Method`` under ``name``."""
 
     def decorator(build: BuildFn) -> BuildFn:
         if name in METHODS and METHODS[name].build is not build:
             raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = MethodInfo(name, summary, forward_only, build, default_lr)
+        METHODS[name] = MethodInfo(name, summary, forward_only, build, default_lr, population)
         return build
 
     return decorator

@@ -15,8 +15,8 @@ pycma runs with its defaults (active CMA, as ours) except ``ftarget``; its seeds
 
 Usage::
 
-    python -m nograd.bench_cma_oracle                 # full: 10 seeds x {10, 40} dims (a few minutes)
-    python -m nograd.bench_cma_oracle --seeds 3 --dims 10 --json
+    python -m nograd.bench.cma_oracle                 # full: 10 seeds x {10, 40} dims (a few minutes)
+    python -m nograd.bench.cma_oracle --seeds 3 --dims 10 --json
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from nograd import functions as F
 from nograd.strategies import CMAES, SepCMAES
+from nograd.strategies import functions as F
 
 TARGET = 1e-8
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nograd.errors import UsageError
+from nograd.core.errors import UsageError
 
 FORMAT = "nograd-checkpoint-v1"
 

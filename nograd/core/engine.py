@@ -1,6 +1,6 @@
 """Perturb a model and evaluate it: the engine under every forward-only optimizer.
 
-Three pieces, all driven by :class:`~nograd.noise.SeededNoise` so no population is ever stored:
+Three pieces, all driven by :class:`~nograd.core.noise.SeededNoise` so no population is ever stored:
 
 * :class:`ParamSpace` - the trainable tensors (``requires_grad=True``), each with a stable index
   and a perturbation kind: low-rank ``E = A B^T / sqrt(r)`` for matrices when ``rank > 0``

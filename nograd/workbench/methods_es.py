@@ -23,7 +23,8 @@ Options: ``--population``, ``--sigma``, ``--rank``, ``--outer`` (``adamw``, ``ad
 (each method's keys are listed by an unknown-key error and in :data:`ES_OPTS`).
 
 Example:
-    >>> from nograd.methods import load_methods
+    >>> from nograd.optim import adamw, muon_and_adamw
+from nograd.workbench.registry import load_methods
     >>> sorted(n for n in load_methods() if n in ES_METHODS)  # doctest: +NORMALIZE_WHITESPACE
     ['cem', 'cma', 'eggroll', 'ga', 'lm-ma-es', 'nres', 'openai-es', 'pgpe', 'rm-es', 'sep-cma', 'snes']
 """
@@ -35,16 +36,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from nograd.errors import UsageError
-from nograd.methods import OUTER_OPTIMIZERS, LossFn, StepResult, parse_opts, register_method
+from nograd.core.errors import UsageError
+from nograd.optim import adamw, muon_and_adamw
 from nograd.strategies.eggroll import EGGROLL
 from nograd.strategies.module_adapter import ModuleAdapter
 from nograd.strategies.module_es import ModuleES
 from nograd.strategies.nres import NRES
 from nograd.strategies.openai_es import OpenAIES
+from nograd.workbench.registry import OUTER_OPTIMIZERS, LossFn, StepResult, parse_opts, register_method
 
 if TYPE_CHECKING:
-    from nograd.train import TrainConfig
+    from nograd.workbench.config import TrainConfig
 
 # method -> defaults for cfg fields left None; "lr" is the method's registered default_lr.
 # eggroll's come from 4-minute runs on shakespeare-char (1-layer GPT, B=8, T=32, one CPU thread,
@@ -117,8 +119,6 @@ def _outer_optimizers(
     model: nn.Module, cfg: TrainConfig, o: dict[str, Any], method: str
 ) -> list[torch.optim.Optimizer]:
     """The outer optimizer(s) that step on the ES estimate in ``.grad``."""
-    from nograd.baselines import adamw_groups, muon_split
-
     outer = cfg.outer or "adamw"
     if outer not in OUTER_OPTIMIZERS:
         raise UsageError(
@@ -128,18 +128,12 @@ def _outer_optimizers(
     params = [p for p in model.parameters() if p.requires_grad]
     betas = (o["beta1"], o["beta2"])
     if outer == "adamw":
-        return [torch.optim.AdamW(adamw_groups(params, wd), lr=cfg.lr, betas=betas)]
+        return [adamw(params, cfg.lr, wd, betas)]
     if outer == "adam":
         return [torch.optim.Adam(params, lr=cfg.lr, betas=betas)]
     if outer == "sgd":
         return [torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=wd)]
-    hidden, rest = muon_split(model)
-    opts: list[torch.optim.Optimizer] = []
-    if hidden:
-        opts.append(torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw"))
-    if rest:
-        opts.append(torch.optim.AdamW(adamw_groups(rest, wd), lr=cfg.lr, betas=betas))
-    return opts
+    return muon_and_adamw(model, cfg.lr, wd, betas)
 
 
 class ModuleESMethod:
@@ -323,7 +317,7 @@ def _register(method: str) -> None:
             return _build_adapter(model, loss_fn, cfg, method)
 
     build.__name__ = f"build_{method.replace('-', '_')}"
-    register_method(method, _SUMMARIES[method], True, lr)(build)
+    register_method(method, _SUMMARIES[method], True, lr, population=True)(build)
 
 
 for _method in ES_METHODS:

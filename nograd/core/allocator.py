@@ -14,8 +14,8 @@ benchmarks. Zeroth-order methods, whose point is inference memory, and the gradi
 keep glibc's defaults. Set ``NOGRAD_RETAIN_FREED_MEMORY=0`` to keep the defaults everywhere.
 Library users can call it themselves::
 
-    >>> import nograd.allocator
-    >>> nograd.allocator.retain_freed_memory()  # doctest: +SKIP
+    >>> import nograd.core.allocator
+    >>> nograd.core.allocator.retain_freed_memory()  # doctest: +SKIP
     True
 """
 

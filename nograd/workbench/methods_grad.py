@@ -1,5 +1,6 @@
-"""Gradient baselines: AdamW and Muon, the yardsticks for forward-only methods.
+"""Gradient baselines as trainer methods: ``--optimizer adamw`` and ``--optimizer muon``.
 
+The optimizers come from :mod:`nograd.optim`; this module adds backprop and clipping.
 Both follow nanoGPT's recipe: betas (0.9, 0.99), weight decay only on 2-D
 weights (matrices and embeddings; never on norms or biases), gradient norm
 clipped to 1.0. A step costs a forward and a backward pass; the backward
@@ -14,10 +15,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from nograd.methods import LossFn, StepResult, parse_opts, register_method
+from nograd.optim import adamw, muon_and_adamw
+from nograd.workbench.registry import LossFn, StepResult, parse_opts, register_method
 
 if TYPE_CHECKING:
-    from nograd.train import TrainConfig
+    from nograd.workbench.config import TrainConfig
 
 DEFAULT_WEIGHT_DECAY = 0.1
 
@@ -66,41 +68,6 @@ class GradientMethod:
             opt.load_state_dict(s)
 
 
-def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    # named_parameters() already lists a tied tensor once, under its first name.
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def adamw_groups(params: Sequence[nn.Parameter], weight_decay: float) -> list[dict]:
-    """nanoGPT's split: decay tensors with >= 2 dims, not norms and biases."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(hidden matrices for Muon, everything else for AdamW).
-
-    Muon orthogonalises updates of hidden linear maps; embeddings, the output
-    head (tied to the embedding here), norms and biases stay with AdamW.
-    """
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    hidden_ids = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
-            if id(module.weight) not in embedding_ids and module.weight.dim() == 2:
-                hidden_ids.add(id(module.weight))
-    params = [p for _, p in _unique_params(model)]
-    return [p for p in params if id(p) in hidden_ids], [p for p in params if id(p) not in hidden_ids]
-
-
-def _adamw(params: Sequence[nn.Parameter], lr: float, weight_decay: float, o: dict) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        adamw_groups(params, weight_decay), lr=lr, betas=(o["beta1"], o["beta2"]), eps=o["adam_eps"]
-    )
-
-
 _ADAMW_OPTS = {"beta1": 0.9, "beta2": 0.99, "adam_eps": 1e-8, "grad_clip": 1.0}
 
 
@@ -110,8 +77,9 @@ _ADAMW_OPTS = {"beta1": 0.9, "beta2": 0.99, "adam_eps": 1e-8, "grad_clip": 1.0}
 def build_adamw(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig) -> GradientMethod:
     o = parse_opts(cfg.opts, _ADAMW_OPTS, "adamw")
     wd = DEFAULT_WEIGHT_DECAY if cfg.weight_decay is None else cfg.weight_decay
-    params = [p for _, p in _unique_params(model)]
-    return GradientMethod(model, loss_fn, [_adamw(params, cfg.lr, wd, o)], o["grad_clip"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = adamw(params, cfg.lr, wd, (o["beta1"], o["beta2"]), o["adam_eps"])
+    return GradientMethod(model, loss_fn, [opt], o["grad_clip"])
 
 
 _MUON_OPTS = {**_ADAMW_OPTS, "momentum": 0.95, "ns_steps": 5, "muon_lr_mult": 1.0}
@@ -121,20 +89,14 @@ _MUON_OPTS = {**_ADAMW_OPTS, "momentum": 0.95, "ns_steps": 5, "muon_lr_mult": 1.
 def build_muon(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig) -> GradientMethod:
     o = parse_opts(cfg.opts, _MUON_OPTS, "muon")
     wd = DEFAULT_WEIGHT_DECAY if cfg.weight_decay is None else cfg.weight_decay
-    hidden, rest = muon_split(model)
-    opts: list[torch.optim.Optimizer] = []
-    if hidden:
-        # "match_rms_adamw" scales Muon's step to AdamW's update size, so one --lr serves both.
-        opts.append(
-            torch.optim.Muon(
-                hidden,
-                lr=cfg.lr * o["muon_lr_mult"],
-                weight_decay=wd,
-                momentum=o["momentum"],
-                ns_steps=o["ns_steps"],
-                adjust_lr_fn="match_rms_adamw",
-            )
-        )
-    if rest:
-        opts.append(_adamw(rest, cfg.lr, wd, o))
+    opts = muon_and_adamw(
+        model,
+        cfg.lr,
+        wd,
+        betas=(o["beta1"], o["beta2"]),
+        eps=o["adam_eps"],
+        momentum=o["momentum"],
+        ns_steps=o["ns_steps"],
+        muon_lr_mult=o["muon_lr_mult"],
+    )
     return GradientMethod(model, loss_fn, opts, o["grad_clip"])

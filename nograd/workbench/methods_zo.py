@@ -48,11 +48,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from nograd.methods import LossFn, StepResult, parse_opts, register_method
-from nograd.shaping import NonFiniteFitnessError
+from nograd.core.shaping import NonFiniteFitnessError
+from nograd.workbench.registry import LossFn, StepResult, parse_opts, register_method
 
 if TYPE_CHECKING:
-    from nograd.train import TrainConfig
+    from nograd.workbench.config import TrainConfig
     from nograd.zo import ZOOptimizer
 
 
@@ -180,7 +180,7 @@ def _wrap(
     make: Callable[..., ZOOptimizer],
     functional: bool = False,
 ) -> ZOMethod:
-    from nograd.errors import UsageError
+    from nograd.core.errors import UsageError
 
     log, init = _log_paths(o["trajectory"], cfg)
     try:
@@ -257,7 +257,7 @@ _HIZOO_OPTS = {"hessian_smooth": 1e-5, "trajectory": ""}
 
 @register_method("hizoo", "HiZOO: ZO-SGD preconditioned by a diagonal Hessian (3 forwards/step)", True, 2e-3)
 def build_hizoo(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig) -> ZOMethod:
-    from nograd.errors import UsageError
+    from nograd.core.errors import UsageError
     from nograd.zo import HiZOO
 
     o = parse_opts(cfg.opts, _HIZOO_OPTS, "hizoo")

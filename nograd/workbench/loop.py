@@ -1,0 +1,324 @@
+"""The training loop shared by every task and method.
+
+``train(cfg)`` builds the task, the model and the method named in a
+:class:`~nograd.workbench.config.TrainConfig`, then steps until ``steps`` or ``budget_minutes``
+runs out, evaluating every ``eval_every`` steps. It is :class:`Run` in five parts:
+:meth:`Run.setup` (config, task, model, method, a checkpoint to resume), :meth:`Run.step`,
+:meth:`Run.evaluate`, :meth:`Run.checkpoint` and :meth:`Run.finish`. In the output folder:
+
+* ``metrics.jsonl`` and ``metrics.csv`` (:mod:`nograd.workbench.metrics`),
+* ``checkpoint.pt`` at every evaluation (:mod:`nograd.workbench.checkpoint`),
+* ``config.json``, ``loss.png`` (with matplotlib: every metric, with the task's reference
+  levels), and ``sample.txt`` (what the task shows at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from nograd.core.allocator import retain_freed_memory
+from nograd.core.errors import UsageError
+from nograd.tasks import get_task
+from nograd.tasks.base import Task
+from nograd.workbench.checkpoint import load_checkpoint, save_checkpoint
+from nograd.workbench.config import (
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    lr_scale,
+    resolve,
+    resume_config,
+    task_options,
+)
+from nograd.workbench.metrics import read_rows, write_rows
+from nograd.workbench.plot import plot_metrics
+from nograd.workbench.progress import Progress
+from nograd.workbench.registry import Method, MethodInfo, get_method
+
+
+def _writable_folder(path: Path) -> None:
+    """Create ``path`` and check that a file can be written there, before any work starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {str(path)!r}: {e.strerror or e}") from None
+
+
+def _resume_path(cfg: TrainConfig) -> str:
+    assert cfg.resume is not None
+    return os.path.join(resolve(cfg).out, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
+
+
+@dataclass
+class Run:
+    """One training run: what :func:`train` builds, then steps, evaluates and saves."""
+
+    cfg: TrainConfig
+    info: MethodInfo
+    task: Task
+    model: nn.Module
+    method: Method
+    out: Path
+    device: torch.device
+    step_count: int = 0
+    forward_tokens: float = 0.0
+    wall: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    interval_losses: list[float] = field(default_factory=list)
+    interval_info: dict[str, list[float]] = field(default_factory=dict)
+    window: list[tuple[float, float]] = field(default_factory=list)  # (seconds, tokens) of recent steps
+    last_eval: int = 0
+
+    # ------------------------------------------------------------------ set up
+
+    @classmethod
+    def setup(cls, cfg: TrainConfig, explicit: set[str] | None = None) -> Run:
+        """Check the config, merge a checkpoint's, build everything; no step is taken."""
+        cfg.validate()
+        ckpt = None
+        if cfg.resume:
+            path = _resume_path(cfg)
+            ckpt = load_checkpoint(path)
+            if not isinstance(ckpt.get("config"), dict):
+                raise UsageError(f"checkpoint {path!r} holds no training state to resume")
+            try:
+                saved = config_from_dict(ckpt["config"])
+            except TypeError as e:
+                raise UsageError(f"checkpoint {path!r} has a config this version cannot read ({e})") from None
+            cfg = resume_config(saved, cfg, explicit)
+            cfg.validate()
+        cfg = resolve(cfg)
+        out = Path(cfg.out)
+        _writable_folder(out)
+        device = torch.device(cfg.device)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        info = get_method(cfg.optimizer)
+        if info.population:  # each step evaluates a population: keep its activations' pages
+            retain_freed_memory()
+        torch.manual_seed(cfg.seed)
+        task = get_task(cfg.task)(task_options(cfg), cfg.seed)
+        model = task.build_model().to(device)
+
+        def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return task.per_example_loss(m, x, y)
+
+        run = cls(cfg, info, task, model, info.build(model, loss_fn, cfg), out, device)
+        if ckpt is not None:
+            run._restore(ckpt)
+        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        n_params = sum(p.numel() for p in model.parameters())
+        run.log(f"{cfg.task} | {cfg.optimizer} | {n_params / 1e6:.2f}M parameters | out {out}")
+        return run
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        # The attention kernel is a choice of computation, not of weights: a method may switch
+        # it, so it does not have to match.
+        saved_model = {k: v for k, v in ckpt.get("model_config", {}).items() if k != "attention"}
+        if saved_model != {k: v for k, v in asdict(self.task.model_config).items() if k != "attention"}:
+            raise UsageError(
+                "the checkpoint's model does not match this task and data (different data file?)"
+            )
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.method.load_state_dict(ckpt["method"])
+            self.task.sampler.load_state_dict(ckpt["sampler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+            self.step_count, self.forward_tokens, self.wall = (
+                ckpt["step"],
+                ckpt["forward_tokens"],
+                ckpt["wall_s"],
+            )
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UsageError(f"checkpoint cannot be resumed ({type(e).__name__}: {str(e)[:100]})") from None
+        self.rows = read_rows(self.out / "metrics.jsonl", self.step_count)
+        self.last_eval = self.step_count
+        self.log(
+            f"resuming from step {self.step_count} ({self.forward_tokens:.3g} forward tokens, "
+            f"{self.wall:.1f}s)"
+        )
+
+    def log(self, message: str) -> None:
+        if not self.cfg.quiet:
+            print(message)
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, progress: Progress) -> None:
+        """One optimizer step on the next training batch; training time and tokens are counted."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        x, y = self.task.sampler.sample()
+        result = self.method.step(x.to(self.device), y.to(self.device), lr_scale(self.step_count, cfg))
+        dt = time.perf_counter() - t0
+        self.wall += dt
+        self.step_count += 1
+        self.forward_tokens += result.forward_tokens
+        self.interval_losses.append(result.loss)
+        for k, v in result.info.items():
+            self.interval_info.setdefault(k, []).append(float(v))
+        # a population method's rate counts every member's tokens; the others, the batch's
+        tokens = result.forward_tokens if self.info.population else float(x.numel())
+        self.window = (self.window + [(dt, tokens)])[-50:]
+        secs = sum(w[0] for w in self.window)
+        budget_s = cfg.budget_minutes * 60 if cfg.budget_minutes is not None else math.inf
+        eta = min((cfg.steps - self.step_count) * secs / len(self.window), budget_s - self.wall)
+        progress.update(self.step_count, result.loss, sum(w[1] for w in self.window) / max(secs, 1e-9), eta)
+
+    # ------------------------------------------------------------------ evaluate
+
+    def evaluate(self, save: bool) -> dict[str, float]:
+        """Score the model, append a metrics row, rewrite the metrics files, checkpoint if ``save``."""
+        values = self.task.evaluate(self.model)
+        train_loss = sum(self.interval_losses) / len(self.interval_losses) if self.interval_losses else None
+        row: dict[str, Any] = {
+            "step": self.step_count,
+            "wall_s": round(self.wall, 3),
+            "forward_tokens": self.forward_tokens,
+            "train_loss": train_loss,
+            **values,
+            "lr": self.cfg.lr * lr_scale(max(self.step_count - 1, 0), self.cfg),
+        }
+        row.update({k: sum(v) / len(v) for k, v in self.interval_info.items() if v})
+        self.rows.append(row)
+        self.interval_losses.clear()
+        self.interval_info.clear()
+        write_rows(self.out, self.rows)
+        self.last_eval = self.step_count
+        if save:
+            self.checkpoint()
+        tl = "     -" if train_loss is None else f"{train_loss:.4f}"
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in values.items())
+        self.log(
+            f"step {self.step_count:>6} | train {tl} | {shown} | {self.forward_tokens:.3g} fwd tokens "
+            f"| {self.wall:.1f}s"
+        )
+        return values
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def checkpoint(self) -> None:
+        """Write everything a resumed run needs to continue bit-identically (atomic, checksummed)."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "config": config_to_dict(self.cfg),
+            "model_config": asdict(self.task.model_config),
+            "task_meta": self.task.meta,
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "sampler": self.task.sampler.state_dict(),
+            "rng": rng,
+            "step": self.step_count,
+            "forward_tokens": self.forward_tokens,
+            "wall_s": self.wall,
+        }
+        save_checkpoint(self.out / "checkpoint.pt", state)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        """Step until the step count or the time budget runs out, or the watched metric diverges."""
+        cfg = self.cfg
+        primary = self.task.metrics[0]
+        rate = "member-tok/s" if self.info.population else "tok/s"
+        progress = Progress(cfg.steps, enabled=not cfg.quiet, rate_label=rate)
+        budget_s = cfg.budget_minutes * 60 if cfg.budget_minutes is not None else math.inf
+        stopped = "steps"
+        if self.step_count == 0 and not self.rows:
+            self.evaluate(save=False)  # the starting point of the curves
+        try:
+            while self.step_count < cfg.steps:
+                if self.wall >= budget_s:
+                    stopped = "budget"
+                    break
+                self.step(progress)
+                if self.step_count % cfg.eval_every == 0 or self.step_count == cfg.steps:
+                    progress.clear()
+                    if not math.isfinite(self.evaluate(save=True)[primary.name]):
+                        stopped = "diverged"
+                        print(f"nograd: warning: {primary.name} is not finite; stopping", file=sys.stderr)
+                        break
+        except KeyboardInterrupt:
+            progress.clear()
+            print(
+                f"\ninterrupted; continue from step {self.last_eval} with "
+                f"--resume {self.out / 'checkpoint.pt'}",
+                file=sys.stderr,
+            )
+            raise
+        progress.clear()
+        return self.finish(stopped)
+
+    # ------------------------------------------------------------------ finish
+
+    def finish(self, stopped: str) -> dict[str, Any]:
+        """Last evaluation and checkpoint, the plot, the task's sample; returns the summary."""
+        if self.last_eval != self.step_count or not self.rows:
+            self.evaluate(save=True)
+        elif self.step_count == 0:
+            self.checkpoint()  # a 0-step run still leaves a checkpoint
+        cfg = self.cfg
+        if plot_metrics(
+            self.rows, self.out / "loss.png", self.task.metrics, title=f"{cfg.task} / {cfg.optimizer}"
+        ):
+            self.log(f"wrote {self.out / 'loss.png'}")
+        else:
+            print(
+                "nograd: warning: matplotlib is not installed, so no loss.png (pip install 'nograd[plot]')",
+                file=sys.stderr,
+            )
+        sample = self.task.sample(self.model, seed=cfg.seed)
+        (self.out / "sample.txt").write_text(sample)
+        if sample:
+            self.log(f"--- sample ---\n{sample}\n---")
+        summary: dict[str, Any] = {
+            "out": str(self.out),
+            "task": cfg.task,
+            "optimizer": cfg.optimizer,
+            "steps": self.step_count,
+            "stopped": stopped,
+            "metric": self.task.metrics[0].name,
+            "wall_s": self.wall,
+            "forward_tokens": self.forward_tokens,
+            "sample": sample,
+        }
+        for metric in self.task.metrics:
+            values = [r[metric.name] for r in self.rows if r.get(metric.name) is not None]
+            finite = [v for v in values if math.isfinite(v)]
+            summary[f"final_{metric.name}"] = values[-1] if values else None
+            best = (min(finite) if metric.goal == "min" else max(finite)) if finite else None
+            summary[f"best_{metric.name}"] = best
+        final = summary[f"final_{self.task.metrics[0].name}"]
+        self.log(
+            f"done: {self.step_count} steps ({stopped}), {self.task.metrics[0].name} "
+            f"{final if final is None else f'{final:.4f}'}, {self.wall:.1f}s training, "
+            f"{self.forward_tokens:.3g} forward tokens"
+        )
+        return summary
+
+
+def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary (final and best of each metric, wall time, ...).
+
+    ``explicit`` (from the CLI) names the fields the user set, to catch conflicting flags on
+    ``--resume``. Process-wide settings: ``cfg.threads`` sets torch's thread count, and a
+    population method turns on :func:`nograd.core.allocator.retain_freed_memory`.
+    """
+    return Run.setup(cfg, explicit).train()
