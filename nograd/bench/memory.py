@@ -76,7 +76,7 @@ def _step_fn(method: str, model, loss):
     """A function doing one step of ``method`` (built once, outside the measurement)."""
     import torch
 
-    import nograd
+    from .. import zo
 
     if method == "inference":
 
@@ -98,17 +98,17 @@ def _step_fn(method: str, model, loss):
         from ..models.gpt import set_attention
 
         set_attention(model, "math")  # forward-mode AD has no rule for the fused attention kernel
-        opt = nograd.ForwardGradient(model, lr=1e-4)
+        opt = zo.ForwardGradient(model, lr=1e-4)
         fn = opt.step
         return lambda: fn(loss)
     cls = {
-        "mezo": nograd.MeZO,
+        "mezo": zo.MeZO,
         # the shared-noise-table Gaussian: its table counts towards the step's memory
-        "mezo-table": functools.partial(nograd.MeZO, distribution="gaussian-table"),
-        "zo-sign": nograd.ZOSign,
-        "zo-momentum": nograd.ZOMomentum,
-        "zo-adam": nograd.ZOAdam,
-        "hizoo": nograd.HiZOO,
+        "mezo-table": functools.partial(zo.MeZO, distribution="gaussian-table"),
+        "zo-sign": zo.ZOSign,
+        "zo-momentum": zo.ZOMomentum,
+        "zo-adam": zo.ZOAdam,
+        "hizoo": zo.HiZOO,
     }[method]
     opt = cls(model, lr=1e-6)
     return lambda: opt.step(lambda: loss().item())
@@ -148,16 +148,15 @@ def _child(args: argparse.Namespace) -> dict:
 def _timing(args: argparse.Namespace) -> dict:
     import torch
 
-    import nograd
-
+    from ..zo import MeZO
     from .timing import interleaved_medians
 
     model, loss = _setup(args)
     infer = _step_fn("inference", model, loss)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    gaussian = nograd.MeZO(model, lr=1e-6)
-    lowrank = nograd.MeZO(model, lr=1e-6, noise_rank=1)  # LOZO-style: E = a b^T for matrices
-    table = nograd.MeZO(model, lr=1e-6, distribution="gaussian-table")
+    gaussian = MeZO(model, lr=1e-6)
+    lowrank = MeZO(model, lr=1e-6, noise_rank=1)  # LOZO-style: E = a b^T for matrices
+    table = MeZO(model, lr=1e-6, distribution="gaussian-table")
 
     def two_forwards() -> None:
         infer()

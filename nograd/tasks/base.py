@@ -61,7 +61,8 @@ class Task(Protocol):
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line, shown by `nograd tasks`
-    Config: ClassVar[type]  # the dataclass of this task's options
+    Config: ClassVar[type]  # the dataclass of this task's options; its validate(), if any, runs
+    # instead of nograd.core.options.check_options (call that first, then check across fields)
     metrics: tuple[Metric, ...]
     model_config: Any  # the dataclass the model is built from (stored in checkpoints)
     sampler: BatchSource

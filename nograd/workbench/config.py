@@ -97,7 +97,9 @@ class TrainConfig:
         for key, value in self.opts.items():
             if not key or not isinstance(value, str):
                 raise UsageError(f"bad --opt key {key!r}")
-        task_options(self).validate()
+        options = task_options(self)
+        check = getattr(options, "validate", None)  # a task's own cross-field checks, if it has any
+        check() if callable(check) else check_options(options)
 
 
 def task_options(cfg: TrainConfig) -> Any:
