@@ -151,3 +151,37 @@ def test_replay_command_bad_log(tmp_path):
         str(tmp_path / "o.pt"),
     )
     _assert_usage_error(r)
+
+
+def _documented_train_commands() -> list[list[str]]:
+    """Every `nograd train ...` of README.md's code blocks and of the Makefile, as argv lists."""
+    import re
+    import shlex
+
+    from _foundation import REPO
+
+    text = (REPO / "README.md").read_text() + "\n" + (REPO / "Makefile").read_text()
+    text = re.sub(r"\\\n\s*", " ", text)  # join continued lines
+    text = (
+        text.replace("$(VENV)/bin/", "").replace("$(DEMO_MINUTES)", "3").replace("$(DEMO_OUT)", "runs/demo")
+    )
+    text = re.sub(r"\$\(if \$\(DATA\),--data \$\(DATA\)\)", "", text)
+    commands = []
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("nograd train "):
+            commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_documented_train_commands_still_parse():
+    from nograd.cli import build_parser, config_from_args
+
+    commands = _documented_train_commands()
+    assert len(commands) >= 4  # README's baby GPT and resume; the Makefile's demo and demo-adamw
+    for argv in commands:
+        args = build_parser(argv).parse_args(argv)
+        cfg, explicit = config_from_args(args)
+        if "--resume" not in argv:
+            cfg.validate()
+            assert {"n_layer", "batch_size"} <= explicit, argv

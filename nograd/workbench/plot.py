@@ -81,7 +81,7 @@ def plot_metrics(
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(loc="upper center")
+                ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
