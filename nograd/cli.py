@@ -15,7 +15,9 @@ list the module in :data:`COMMAND_MODULES` (or write them here)::
 
 Errors: library code raises :class:`nograd.core.errors.UsageError`; :func:`main`
 prints it as one line ``nograd: error: ...`` on stderr and exits with 2, as
-it does for argparse's own errors (unknown flag, bad number).
+it does for argparse's own errors (unknown flag, bad number). A
+:class:`~nograd.core.errors.RunAborted` (a process of a distributed run died or
+hung) is one line too, with exit status 1.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import TYPE_CHECKING
 
 from nograd import __version__
-from nograd.core.errors import UsageError
+from nograd.core.errors import RunAborted, UsageError
 from nograd.core.options import field_types, flag_name
 
 if TYPE_CHECKING:
@@ -350,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split())  # always exactly one line
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
+    except RunAborted as e:  # a process died or hung, or the processes diverged
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

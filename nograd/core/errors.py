@@ -11,3 +11,9 @@ from __future__ import annotations
 
 class UsageError(Exception):
     """A user error with a one-line, actionable message."""
+
+
+class RunAborted(Exception):
+    """A run that had to stop for a reason outside the user's input: a process of a distributed
+    run died or hung, or the processes' weights diverged. The message says what happened and how to
+    go on (usually: resume from the last checkpoint). The CLI prints it as one line and exits 1."""

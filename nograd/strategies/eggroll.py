@@ -47,6 +47,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,6 +100,7 @@ class EGGROLL(ModuleES):
         chunk_size: int | None = None,
         antithetic: bool = True,
         noise: str = "gaussian",
+        process_group: Any = None,
     ) -> None:
         if int(rank) != rank or rank < 1:
             raise ValueError(f"EGGROLL needs rank >= 1 (rank 0 is OpenAI-ES), got {rank}")
@@ -127,6 +129,7 @@ class EGGROLL(ModuleES):
             mode=mode,
             chunk_size=chunk_size,
             noise=noise,
+            process_group=process_group,
         )
 
     def utilities(self, losses: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..core.distributed import Collective
 from ..core.engine import ParamSpace
 from . import ASK_TELL
 from .base import Strategy
@@ -84,6 +85,9 @@ class ModuleAdapter:
         cache_elements: let the strategy cache a generation's samples when ``popsize x dim`` is at
             most this many numbers (float64; the default 2^25 is 256 MiB); ``None`` keeps the
             strategy's own limit. Larger populations stay lazy: rebuilt from seeds per chunk.
+        process_group: a ``torch.distributed`` process group to share the population with: every
+            rank asks the same candidates (from the seeds), evaluates its block of members, and the
+            losses are all-gathered before every rank tells (:mod:`nograd.core.distributed`).
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class ModuleAdapter:
         mode: str = "auto",
         chunk_size: int | None = None,
         cache_elements: int | None = 1 << 25,
+        process_group: Any = None,
         **strategy_kwargs: Any,
     ) -> None:
         if mode not in MODES:
@@ -137,6 +142,7 @@ class ModuleAdapter:
         self.mode = mode
         self.chunk_size = chunk_size
         self.last_info: dict[str, float] = {}
+        self.collective = Collective(process_group)
 
     def _name_of(self, p: torch.Tensor) -> str:
         for name, q in self.model.named_parameters():
@@ -169,15 +175,24 @@ class ModuleAdapter:
 
     # evaluation ---------------------------------------------------------------------------
     def evaluate(self, loss_fn: Callable[..., torch.Tensor], *batch: Any) -> torch.Tensor:
-        """Losses ``(popsize,)`` of the current generation; ``loss_fn(model, *batch)`` -> (N,)."""
+        """Losses ``(popsize,)`` of the current generation; ``loss_fn(model, *batch)`` -> (N,).
+
+        With a process group this rank evaluates its share and the losses are all-gathered.
+        """
         pop = self.strategy.popsize
+        members = self.collective.share(pop)
+        return self.collective.gather(self._evaluate(loss_fn, batch, members), pop)
+
+    def _evaluate(
+        self, loss_fn: Callable[..., torch.Tensor], batch: Sequence[Any], members: range
+    ) -> torch.Tensor:
         if self.mode == "loop":
-            out = torch.empty(pop, dtype=torch.float64)
+            out = torch.empty(len(members), dtype=torch.float64)
             try:
                 with torch.no_grad():
-                    for i in range(pop):
+                    for k, i in enumerate(members):
                         self.load_vector(self.strategy.member(i))
-                        out[i] = torch.as_tensor(loss_fn(self.model, *batch)).double().mean()
+                        out[k] = torch.as_tensor(loss_fn(self.model, *batch)).double().mean()
             finally:
                 self.load_vector(self.strategy.mean)
             return out
@@ -187,11 +202,11 @@ class ModuleAdapter:
             return functional_call(wrapper, params, batch).float().mean()
 
         batched = torch.vmap(member_loss, randomness="same")
-        chunk = pop if self.chunk_size is None else self.chunk_size
-        losses = []
+        chunk = len(members) if self.chunk_size is None else self.chunk_size
+        losses = [torch.empty(0, dtype=torch.float64)]
         with torch.no_grad():
-            for start in range(0, pop, chunk):
-                ids = range(start, min(pop, start + chunk))
+            for start in range(members.start, members.stop, max(chunk, 1)):
+                ids = range(start, min(members.stop, start + chunk))
                 stacked = self._candidates(ids)
                 losses.append(batched(self._params(stacked)).double().cpu())
         return torch.cat(losses)

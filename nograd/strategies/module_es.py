@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import Collective
 from ..core.engine import BatchedPerturbation, InPlacePerturbation, ParamSpace, accumulate, member_directions
 from ..core.noise import DISTRIBUTIONS, SeededNoise
 from ..core.shaping import SHAPINGS, NonFiniteFitnessError, shape
@@ -92,6 +93,9 @@ class ModuleES:
         mode: ``"batched"`` (all members in one forward) or ``"inplace"`` (one at a time).
         chunk_size: members per forward in batched mode (``None``: all).
         noise: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"`` (faster, see ``nograd.core.noise``).
+        process_group: a ``torch.distributed`` process group to share the population with:
+            each rank evaluates its block of members (whole antithetic pairs), one all-gather
+            of the losses, the same update on every rank (:mod:`nograd.core.distributed`).
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class ModuleES:
         mode: str = "batched",
         chunk_size: int | None = None,
         noise: str = "gaussian",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -170,6 +175,7 @@ class ModuleES:
         self._inplace: InPlacePerturbation | None = None
         self.generation = 0
         self.last_info: dict[str, float] = {}
+        self.collective = Collective(process_group)
 
     # members ------------------------------------------------------------------------------
     def directions(self, members: Sequence[int] | range | None = None) -> list[tuple[int, float]]:
@@ -195,17 +201,22 @@ class ModuleES:
 
         ``loss_fn(model, *batch)`` returns one loss per row; a member's loss is its rows' mean.
         In batched mode every tensor of ``batch`` is repeated member-major (``k * b`` rows).
+        With a process group this rank evaluates its share and the losses are all-gathered.
         """
+        unit = 2 if self.antithetic else 1
+        members = self.collective.share(self.population, unit)
         if self.mode == "batched":
-            return self._evaluate_batched(loss_fn, batch)
-        return self._evaluate_inplace(loss_fn, batch)
+            local = self._evaluate_batched(loss_fn, batch, members)
+        else:
+            local = self._evaluate_inplace(loss_fn, batch, members)
+        return self.collective.gather(local, self.population, unit)
 
-    def _evaluate_batched(self, loss_fn: ModuleLossFn, batch: Sequence[Any]) -> torch.Tensor:
+    def _evaluate_batched(self, loss_fn: ModuleLossFn, batch: Sequence[Any], members: range) -> torch.Tensor:
         b = batch_rows(batch)
         chunk = self.population if self.chunk_size is None else self.chunk_size
         out = []
-        for start in range(0, self.population, chunk):
-            dirs = self.directions(range(start, min(self.population, start + chunk)))
+        for start in range(members.start, members.stop, chunk):
+            dirs = self.directions(range(start, min(members.stop, start + chunk)))
             rows = repeat_rows(batch, len(dirs))
             with self.batched.apply(self.generation, dirs):
                 per_row = loss_fn(self.model, *rows)
@@ -216,14 +227,14 @@ class ModuleES:
                     f"{b} rows), got shape {tuple(per_row.shape)}"
                 )
             out.append(per_row.reshape(len(dirs), b).mean(1))
-        return torch.cat(out).cpu()
+        return torch.cat(out).cpu() if out else torch.empty(0)
 
-    def _evaluate_inplace(self, loss_fn: ModuleLossFn, batch: Sequence[Any]) -> torch.Tensor:
-        out = torch.empty(self.population)
+    def _evaluate_inplace(self, loss_fn: ModuleLossFn, batch: Sequence[Any], members: range) -> torch.Tensor:
+        out = torch.empty(len(members))
         with torch.no_grad():
-            for m, (d, scale) in enumerate(self.directions()):
+            for i, (d, scale) in enumerate(self.directions(members)):
                 with self.inplace.apply(self.generation, d, scale):
-                    out[m] = torch.as_tensor(loss_fn(self.model, *batch)).detach().float().mean()
+                    out[i] = torch.as_tensor(loss_fn(self.model, *batch)).detach().float().mean()
         return out
 
     # update -------------------------------------------------------------------------------

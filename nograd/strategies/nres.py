@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import Collective
 from ..core.engine import BatchedPerturbation, InPlacePerturbation, ParamSpace, accumulate
 from ..core.noise import DISTRIBUTIONS, SeededNoise
 from ..core.shaping import NonFiniteFitnessError
@@ -91,6 +92,9 @@ class NRES:
         stagger_unroll: reach the staggered positions by unrolling (a warm-up of at most one
             episode); ``False`` just assigns them, which is exact when the state does not depend
             on the position (a model without recurrent state).
+        process_group: a ``torch.distributed`` process group: each rank unrolls its block of
+            workers, and their window losses and new states are all-gathered (the states are
+            the members' own, so this traffic is the state's size, never the weights').
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class NRES:
         stagger: bool = True,
         stagger_unroll: bool = True,
         noise: str = "gaussian",
+        process_group: Any = None,
     ) -> None:
         if not (sigma > 0):
             raise ValueError(f"sigma must be > 0, got {sigma}")
@@ -162,6 +167,12 @@ class NRES:
         self.state: State | None = None  # member-major: member m's rows [m b, (m + 1) b)
         self.updates = 0
         self.last_info: dict[str, float] = {}
+        self.collective = Collective(process_group)
+        if self.collective.world_size > self.workers:
+            raise ValueError(
+                f"{self.workers} antithetic workers cannot be shared by "
+                f"{self.collective.world_size} processes"
+            )
 
     # members --------------------------------------------------------------------------------
     def directions(self) -> list[tuple[int, float]]:
@@ -197,29 +208,43 @@ class NRES:
     def _unroll(
         self, unroll: Callable[..., tuple[State, torch.Tensor]], state: State
     ) -> tuple[State, torch.Tensor]:
-        dirs = self.directions()
+        members = self.collective.share(self.population, 2)  # this rank's workers' +/- members
+        b = _rows(state) // self.population
+        new, losses = self._unroll_members(unroll, state, members, b)
+        if not self.collective.active:
+            return new, losses
+        rows = self.population * b
+        return (
+            _map(lambda t: self.collective.gather(t, rows, 2 * b), new),
+            self.collective.gather(losses, self.population, 2),
+        )
+
+    def _unroll_members(
+        self, unroll: Callable[..., tuple[State, torch.Tensor]], state: State, members: range, b: int
+    ) -> tuple[State, torch.Tensor]:
+        dirs = [self.directions()[m] for m in members]
+        mine = _map(lambda t: t[members.start * b : members.stop * b], state)
         if self.mode == "batched":
             if self._batched is None:
                 self._batched = BatchedPerturbation(self.model, self.space, self.noise)
             with self._batched.apply(_GENERATION, dirs):
-                new, per_row = unroll(self.model, state, self.window)
+                new, per_row = unroll(self.model, mine, self.window)
             per_row = torch.as_tensor(per_row).detach().float()
-            if per_row.numel() != _rows(state):
+            if per_row.numel() != _rows(mine):
                 raise ValueError(
-                    f"unroll must return one loss per state row ({_rows(state)}), got {per_row.numel()}"
+                    f"unroll must return one loss per state row ({_rows(mine)}), got {per_row.numel()}"
                 )
-            return _map(torch.Tensor.detach, new), per_row.view(self.population, -1).mean(1).cpu()
+            return _map(torch.Tensor.detach, new), per_row.view(len(members), -1).mean(1).cpu()
         if self._inplace is None:
             self._inplace = InPlacePerturbation(self.space, self.noise, module=self.model)
-        b = _rows(state) // self.population
-        parts, losses = [], torch.empty(self.population)
+        parts, losses = [], torch.empty(len(members))
         with torch.no_grad():
-            for m, (d, scale) in enumerate(dirs):
-                rows = _map(lambda t, m=m: t[m * b : (m + 1) * b], state)
+            for i, (d, scale) in enumerate(dirs):
+                rows = _map(lambda t, i=i: t[i * b : (i + 1) * b], mine)
                 with self._inplace.apply(_GENERATION, d, scale):
                     new, per_row = unroll(self.model, rows, self.window)
                 parts.append(_map(torch.Tensor.detach, new))
-                losses[m] = torch.as_tensor(per_row).detach().float().mean()
+                losses[i] = torch.as_tensor(per_row).detach().float().mean()
         return _map(lambda *ts: torch.cat(ts), *parts), losses
 
     def _advance(self, new: State, active: Sequence[bool]) -> None:

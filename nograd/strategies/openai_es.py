@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +66,7 @@ class OpenAIES(ModuleES):
         chunk_size: int | None = None,
         antithetic: bool = True,
         noise: str = "gaussian",
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             model,
@@ -80,4 +82,5 @@ class OpenAIES(ModuleES):
             mode=mode,
             chunk_size=chunk_size,
             noise=noise,
+            process_group=process_group,
         )

@@ -80,6 +80,16 @@ class TrainConfig:
     )
     opts: dict[str, str] = option({}, "method-specific options (--opt KEY=VALUE)", cli=False)
     quiet: bool = option(False, "no progress bar or evaluation lines", resume="new")
+    # several processes (torchrun); ignored in one process
+    dist_timeout: float = option(
+        120.0,
+        "seconds a process waits for the others before the run stops (under torchrun)",
+        above=0,
+        resume="new",
+    )
+    dist_check_every: int = option(
+        100, "steps between the processes' comparison of their weights (0: never)", min=0, resume="new"
+    )
     task_config: Any = None  # the task's options (its Config dataclass); None: the task's defaults
 
     def validate(self) -> None:

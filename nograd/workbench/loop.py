@@ -10,6 +10,15 @@ runs out, evaluating every ``eval_every`` steps. It is :class:`Run` in five part
 * ``checkpoint.pt`` at every evaluation (:mod:`nograd.workbench.checkpoint`),
 * ``config.json``, ``loss.png`` (with matplotlib: every metric, with the task's reference
   levels), and ``sample.txt`` (what the task shows at the end).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes join one ``torch.distributed`` group
+(gloo on CPU, NCCL on CUDA) before the method is built, and the methods share their work
+(:mod:`nograd.core.distributed`; gradient methods run under DDP). Every rank holds the same
+weights and takes the same decisions (the wall time that the budget reads is the largest of
+the ranks'); rank 0 alone logs and writes files. Every ``dist_check_every`` steps the ranks
+compare a hash of their weights. A rank that dies or hangs makes the others stop within
+``dist_timeout`` seconds with :class:`~nograd.core.errors.RunAborted`; the run resumes from its
+last checkpoint, with any number of processes.
 """
 
 from __future__ import annotations
@@ -20,15 +29,18 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from nograd.core.allocator import retain_freed_memory
-from nograd.core.errors import UsageError
+from nograd.core.distributed import Collective, default_group
+from nograd.core.errors import RunAborted, UsageError
 from nograd.tasks import get_task
 from nograd.tasks.base import Task
 from nograd.workbench.checkpoint import load_checkpoint, save_checkpoint
@@ -57,6 +69,23 @@ def _writable_folder(path: Path) -> None:
         raise UsageError(f"cannot write to the output folder {str(path)!r}: {e.strerror or e}") from None
 
 
+def join_processes(cfg: TrainConfig) -> bool:
+    """Join the processes that torchrun started (``WORLD_SIZE`` > 1); True when this call did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise UsageError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist_timeout))
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise RunAborted(f"could not join the other processes ({first})") from None
+    return True
+
+
 def _resume_path(cfg: TrainConfig) -> str:
     assert cfg.resume is not None
     return os.path.join(resolve(cfg).out, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
@@ -81,6 +110,13 @@ class Run:
     interval_info: dict[str, list[float]] = field(default_factory=dict)
     window: list[tuple[float, float]] = field(default_factory=list)  # (seconds, tokens) of recent steps
     last_eval: int = 0
+    collective: Collective = field(default_factory=Collective)
+    joined: bool = False  # this run initialised torch.distributed (and ends it)
+
+    @property
+    def writer(self) -> bool:
+        """Rank 0 (or the only process): the one that logs and writes files."""
+        return self.collective.rank == 0
 
     # ------------------------------------------------------------------ set up
 
@@ -101,9 +137,16 @@ class Run:
             cfg = resume_config(saved, cfg, explicit)
             cfg.validate()
         cfg = resolve(cfg)
+        joined = join_processes(cfg)
+        collective = Collective(default_group())
+        if collective.rank != 0:
+            cfg = replace(cfg, quiet=True)
         out = Path(cfg.out)
-        _writable_folder(out)
+        if collective.rank == 0:
+            _writable_folder(out)
         device = torch.device(cfg.device)
+        if device.type == "cuda" and collective.active and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         info = get_method(cfg.optimizer)
@@ -117,11 +160,14 @@ class Run:
             return task.per_example_loss(m, x, y)
 
         run = cls(cfg, info, task, model, info.build(model, loss_fn, cfg), out, device)
+        run.collective, run.joined = collective, joined
         if ckpt is not None:
             run._restore(ckpt)
-        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        if run.writer:
+            (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
-        run.log(f"{cfg.task} | {cfg.optimizer} | {n_params / 1e6:.2f}M parameters | out {out}")
+        procs = f" | {collective.world_size} processes" if collective.active else ""
+        run.log(f"{cfg.task} | {cfg.optimizer} | {n_params / 1e6:.2f}M parameters{procs} | out {out}")
         return run
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -163,11 +209,18 @@ class Run:
         """One optimizer step on the next training batch; training time and tokens are counted."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        sent = Collective.sent_total
         x, y = self.task.sampler.sample()
         result = self.method.step(x.to(self.device), y.to(self.device), lr_scale(self.step_count, cfg))
         dt = time.perf_counter() - t0
         self.wall += dt
+        if self.collective.active:
+            result.info["dist_bytes"] = float(Collective.sent_total - sent)
+            if cfg.budget_minutes is not None:  # every rank stops at the same step
+                self.wall = self.collective.max(self.wall)
         self.step_count += 1
+        if self.collective.active and cfg.dist_check_every and self.step_count % cfg.dist_check_every == 0:
+            self.collective.check_same([p.detach() for p in self.model.parameters()])
         self.forward_tokens += result.forward_tokens
         self.interval_losses.append(result.loss)
         for k, v in result.info.items():
@@ -198,7 +251,8 @@ class Run:
         self.rows.append(row)
         self.interval_losses.clear()
         self.interval_info.clear()
-        write_rows(self.out, self.rows)
+        if self.writer:
+            write_rows(self.out, self.rows)
         self.last_eval = self.step_count
         if save:
             self.checkpoint()
@@ -213,7 +267,11 @@ class Run:
     # ------------------------------------------------------------------ checkpoint
 
     def checkpoint(self) -> None:
-        """Write everything a resumed run needs to continue bit-identically (atomic, checksummed)."""
+        """Write everything a resumed run needs to continue bit-identically (atomic, checksummed).
+
+        In a distributed run rank 0 writes it (every rank holds the same state)."""
+        if not self.writer:
+            return
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -257,6 +315,8 @@ class Run:
                         break
         except KeyboardInterrupt:
             progress.clear()
+            if not self.writer:
+                raise
             print(
                 f"\ninterrupted; continue from step {self.last_eval} with "
                 f"--resume {self.out / 'checkpoint.pt'}",
@@ -275,6 +335,25 @@ class Run:
         elif self.step_count == 0:
             self.checkpoint()  # a 0-step run still leaves a checkpoint
         cfg = self.cfg
+        summary: dict[str, Any] = {
+            "out": str(self.out),
+            "task": cfg.task,
+            "optimizer": cfg.optimizer,
+            "steps": self.step_count,
+            "stopped": stopped,
+            "metric": self.task.metrics[0].name,
+            "wall_s": self.wall,
+            "forward_tokens": self.forward_tokens,
+            "sample": "",
+        }
+        for metric in self.task.metrics:
+            values = [r[metric.name] for r in self.rows if r.get(metric.name) is not None]
+            finite = [v for v in values if math.isfinite(v)]
+            summary[f"final_{metric.name}"] = values[-1] if values else None
+            best = (min(finite) if metric.goal == "min" else max(finite)) if finite else None
+            summary[f"best_{metric.name}"] = best
+        if not self.writer:
+            return summary
         if plot_metrics(
             self.rows, self.out / "loss.png", self.task.metrics, title=f"{cfg.task} / {cfg.optimizer}"
         ):
@@ -286,25 +365,9 @@ class Run:
             )
         sample = self.task.sample(self.model, seed=cfg.seed)
         (self.out / "sample.txt").write_text(sample)
+        summary["sample"] = sample
         if sample:
             self.log(f"--- sample ---\n{sample}\n---")
-        summary: dict[str, Any] = {
-            "out": str(self.out),
-            "task": cfg.task,
-            "optimizer": cfg.optimizer,
-            "steps": self.step_count,
-            "stopped": stopped,
-            "metric": self.task.metrics[0].name,
-            "wall_s": self.wall,
-            "forward_tokens": self.forward_tokens,
-            "sample": sample,
-        }
-        for metric in self.task.metrics:
-            values = [r[metric.name] for r in self.rows if r.get(metric.name) is not None]
-            finite = [v for v in values if math.isfinite(v)]
-            summary[f"final_{metric.name}"] = values[-1] if values else None
-            best = (min(finite) if metric.goal == "min" else max(finite)) if finite else None
-            summary[f"best_{metric.name}"] = best
         final = summary[f"final_{self.task.metrics[0].name}"]
         self.log(
             f"done: {self.step_count} steps ({stopped}), {self.task.metrics[0].name} "
@@ -321,4 +384,14 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     ``--resume``. Process-wide settings: ``cfg.threads`` sets torch's thread count, and a
     population method turns on :func:`nograd.core.allocator.retain_freed_memory`.
     """
-    return Run.setup(cfg, explicit).train()
+    run = None
+    try:
+        run = Run.setup(cfg, explicit)
+        summary = run.train()
+        # rank 0 writes the plot and sample last; the others wait, so that no rank's exit closes
+        # the connections while a peer still holds them (gloo aborts a process on that)
+        run.collective.barrier()
+        return summary
+    finally:
+        if run is not None and run.joined:
+            dist.destroy_process_group()

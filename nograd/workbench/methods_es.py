@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from nograd.core.distributed import default_group
 from nograd.core.errors import UsageError
 from nograd.optim import adamw, muon_and_adamw
 from nograd.strategies.eggroll import EGGROLL
@@ -165,8 +166,9 @@ class ModuleESMethod:
             def unroll(
                 model: nn.Module, state: torch.Tensor, steps: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
-                rows_x = x.repeat(p, *([1] * (x.dim() - 1)))
-                rows_y = y.repeat(p, *([1] * (y.dim() - 1)))
+                k = state.shape[0] // x.shape[0]  # the members of this call (a rank's share)
+                rows_x = x.repeat(k, *([1] * (x.dim() - 1)))
+                rows_y = y.repeat(k, *([1] * (y.dim() - 1)))
                 return state, self.loss_fn(model, rows_x, rows_y)
 
             losses = self.es.step(unroll)
@@ -227,6 +229,7 @@ def _build_module_es(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, method
         "seed": cfg.seed,
         "mode": o["mode"],
         "noise": o["noise"],
+        "process_group": default_group(),
     }
     try:
         if method == "nres":
@@ -282,6 +285,7 @@ def _build_adapter(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, method: 
             mode=o["mode"],
             chunk_size=o["chunk"] or None,
             noise=o["noise"],
+            process_group=default_group(),
             **kwargs,
         )
     except (ValueError, TypeError) as e:

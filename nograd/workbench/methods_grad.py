@@ -10,11 +10,14 @@ counts as two forwards, so ``forward_tokens = 3 * B * T``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
+from nograd.core.distributed import Collective, default_group
+from nograd.core.errors import UsageError
 from nograd.optim import adamw, muon_and_adamw
 from nograd.workbench.registry import LossFn, StepResult, parse_opts, register_method
 
@@ -25,12 +28,27 @@ DEFAULT_WEIGHT_DECAY = 0.1
 
 
 class GradientMethod:
-    """Backprop through ``loss_fn``, clip, then step one or more torch optimizers."""
+    """Backprop through ``loss_fn``, clip, then step one or more torch optimizers.
+
+    With a process group (``torchrun``) the model runs under ``DistributedDataParallel``: each
+    rank takes its block of the batch's rows (every rank draws the same batch), the loss is
+    weighted by the block's share of the rows, and DDP's gradient all-reduce then gives every
+    rank the gradient of the whole batch, as one process would compute it up to rounding.
+    """
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, optimizers: Sequence[torch.optim.Optimizer], grad_clip: float
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizers: Sequence[torch.optim.Optimizer],
+        grad_clip: float,
+        process_group: Any = None,
     ) -> None:
         self.model = model
+        self.collective = Collective(process_group)
+        self.forward_model: nn.Module = model
+        if self.collective.active:
+            self.forward_model = DistributedDataParallel(model, process_group=process_group)
         self.loss_fn = loss_fn
         self.optimizers = list(optimizers)
         self.grad_clip = grad_clip
@@ -46,10 +64,27 @@ class GradientMethod:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
         self.model.train()
-        loss = self.loss_fn(self.model, x, y).mean()
+        rows = self.collective.share(x.shape[0])
+        if self.collective.active and not len(rows):
+            raise UsageError(
+                f"a batch of {x.shape[0]} rows cannot be shared by {self.collective.world_size} ranks"
+            )
+        weight = len(rows) * self.collective.world_size / x.shape[0]  # DDP averages over the ranks
+        loss = self.loss_fn(self.forward_model, x[rows.start : rows.stop], y[rows.start : rows.stop]).mean()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if weight != 1.0 else loss).backward()
+        if self.collective.active:  # the all-reduce DDP ran: a ring moves 2 (N - 1) / N of the gradients
+            grad_bytes = sum(p.numel() * p.element_size() for p in self.params)
+            Collective.count_sent(
+                round(2 * grad_bytes * (self.collective.world_size - 1) / self.collective.world_size)
+            )
+            mean = self.collective.gather(
+                torch.tensor([[loss.item() * len(rows)]], dtype=torch.float64), self.collective.world_size
+            )
+            loss = mean.sum() / x.shape[0]
+        else:
+            loss = loss.detach()
         info: dict[str, float] = {}
         if self.grad_clip > 0:
             info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
@@ -79,7 +114,7 @@ def build_adamw(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig) -> Gradient
     wd = DEFAULT_WEIGHT_DECAY if cfg.weight_decay is None else cfg.weight_decay
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, cfg.lr, wd, (o["beta1"], o["beta2"]), o["adam_eps"])
-    return GradientMethod(model, loss_fn, [opt], o["grad_clip"])
+    return GradientMethod(model, loss_fn, [opt], o["grad_clip"], default_group())
 
 
 _MUON_OPTS = {**_ADAMW_OPTS, "momentum": 0.95, "ns_steps": 5, "muon_lr_mult": 1.0}
@@ -99,4 +134,4 @@ def build_muon(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig) -> GradientM
         ns_steps=o["ns_steps"],
         muon_lr_mult=o["muon_lr_mult"],
     )
-    return GradientMethod(model, loss_fn, opts, o["grad_clip"])
+    return GradientMethod(model, loss_fn, opts, o["grad_clip"], default_group())

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from nograd.core.distributed import default_group
 from nograd.core.shaping import NonFiniteFitnessError
 from nograd.workbench.registry import LossFn, StepResult, parse_opts, register_method
 
@@ -161,6 +162,7 @@ def _common(cfg: TrainConfig, o: dict[str, Any], eps: float, directions: int) ->
         "directions": directions if cfg.directions is None else cfg.directions,
         "weight_decay": 0.0 if cfg.weight_decay is None else cfg.weight_decay,
         "seed": cfg.seed,
+        "process_group": default_group(),
     }
 
 
@@ -284,5 +286,6 @@ def build_forward_grad(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig) -> Z
         "noise_rank": cfg.rank or 0,
         "distribution": o["distribution"],
         "seed": cfg.seed,
+        "process_group": default_group(),
     }
     return _wrap(model, loss_fn, cfg, o, lambda **k: ForwardGradient(model, **kw, **k), functional=True)

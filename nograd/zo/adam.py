@@ -57,6 +57,7 @@ class ZOAdam(SPSAOptimizer):
         *,
         log_path: str | os.PathLike | None = None,
         trajectory: Callable[[Record], None] | None = None,
+        process_group: Any = None,
     ) -> None:
         self._updates = 0
         super().__init__(
@@ -69,6 +70,7 @@ class ZOAdam(SPSAOptimizer):
             seed=seed,
             log_path=log_path,
             trajectory=trajectory,
+            process_group=process_group,
         )
 
     def validate_group(self, group: dict[str, Any]) -> None:

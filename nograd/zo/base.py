@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.distributed import Collective
 from ..core.engine import ParamSpace, accumulate
 from ..core.noise import DISTRIBUTIONS, SeededNoise
 from ..core.shaping import NonFiniteFitnessError
@@ -222,6 +223,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         log_path: str | os.PathLike | None = None,
         trajectory: Callable[[Record], None] | None = None,
         header_kwargs: dict[str, Any] | None = None,
+        process_group: Any = None,
     ) -> None:
         check_common(noise_rank, distribution, seed)
         self.module = params if isinstance(params, nn.Module) else None
@@ -250,6 +252,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.trajectory = trajectory
         self.last_info: dict[str, float] = {}
         self.estimator: Any = None  # set by subclasses; shares self.noise (see sync_noise)
+        self.collective = Collective(process_group)  # the ranks sharing each step's directions
         self._zo_step = 0
         self._header_kwargs = {
             "seed": self.seed,
@@ -424,9 +427,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.sync_noise()
 
     def sync_noise(self) -> None:
-        """Make the estimator draw the optimizer's noise (after construction or a state load)."""
+        """Make the estimator draw the optimizer's noise and share its ranks (after construction or a
+        state load)."""
         if self.estimator is not None:
             self.estimator.use_noise(self.noise)
+            self.estimator.collective = self.collective
 
     def group_eps(self) -> list[float]:
         """The perturbation size of each tensor (its group's ``eps``)."""

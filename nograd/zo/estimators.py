@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import Collective
 from ..core.engine import InPlacePerturbation, ParamSpace, accumulate
 from ..core.noise import SeededNoise
 from ..core.shaping import NonFiniteFitnessError
@@ -55,12 +56,22 @@ def _space(params: Any, noise_rank: int) -> ParamSpace:
 
 
 class _SeededEstimator:
-    """What every estimator shares: a step counter keying the noise, the ``.grad`` write, the state."""
+    """What every estimator shares: a step counter keying the noise, the ``.grad`` write, the state.
+
+    ``collective`` shares the directions between processes (:mod:`nograd.core.distributed`):
+    each rank evaluates its block and the losses are all-gathered, so every rank writes the
+    same estimate. Set it with ``process_group=`` (or :meth:`distribute`).
+    """
 
     space: Any
     noise: SeededNoise
     step_count: int
     last_info: dict[str, float]
+    collective: Collective = Collective(None)
+
+    def distribute(self, process_group: Any) -> None:
+        """Share the directions of each estimate with the ranks of ``process_group`` (None: alone)."""
+        self.collective = Collective(process_group)
 
     @property
     def seed(self) -> int:
@@ -160,6 +171,17 @@ class SPSAEstimator(_SeededEstimator):
         with torch.no_grad(), self.perturbation.apply(generation, direction, sign):
             return to_float(closure())
 
+    def _direction_losses(self, closure: Closure, generation: int) -> list[tuple[float, float]]:
+        """``(L+, L-)`` of every direction (``L-`` is NaN one-sided); with a process group each
+        rank evaluates its block of directions and the pairs are all-gathered."""
+        mine = []
+        for k in self.collective.share(self.directions):
+            lp = self._loss_at(closure, generation, k, 1.0)
+            lm = math.nan if self.one_sided else self._loss_at(closure, generation, k, -1.0)
+            mine.append((lp, lm))
+        local = torch.tensor(mine, dtype=torch.float64).reshape(-1, 2)
+        return [(float(a), float(b)) for a, b in self.collective.gather(local, self.directions).tolist()]
+
     def _center(self, closure: Closure) -> float:
         if self.perturbation.needs_discovery:
             return to_float(self.perturbation.discover(closure))
@@ -206,15 +228,12 @@ class SPSAEstimator(_SeededEstimator):
             curv: list[float] = []
             finite_losses: list[float] = []
             bad = 0
-            for k in range(self.directions):
-                lp = self._loss_at(closure, generation, k, 1.0)
-                forwards += 1
+            for k, (lp, lm) in enumerate(self._direction_losses(closure, generation)):
+                forwards += 1 if self.one_sided else 2
                 if self.one_sided:
                     ok, diff = math.isfinite(lp), lp - l0  # type: ignore[operator]
                     vals = [lp]
                 else:
-                    lm = self._loss_at(closure, generation, k, -1.0)
-                    forwards += 1
                     vals = [lp, lm]
                     ok, diff = math.isfinite(lp) and math.isfinite(lm), (lp - lm) / 2.0
                 finite_losses += [v for v in vals if math.isfinite(v)]
@@ -433,19 +452,22 @@ class ForwardGradientEstimator(_SeededEstimator):
         """``k`` jvps: the directional derivatives ``grad f . v_k`` (``diffs``) and ``f(theta)``."""
         f = self._function(fn)
         primals = tuple(p.detach() for p in self.space.tensors)
-        dirs: list[int] = []
-        derivs: list[float] = []
-        loss: float | None = None
-        bad = 0
-        for k in range(self.tangents):
+        mine = []
+        for k in self.collective.share(self.tangents):
             tangent = tuple(
                 self.space.dense(self.noise, i, generation, k).to(p.dtype) for i, p in enumerate(primals)
             )
             with warnings.catch_warnings():  # torch's own one-time jit use when forward AD loads
                 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
                 out, dd = torch.func.jvp(f, primals, tangent)
-            value, deriv = to_float(out), to_float(dd)
+            mine.append((to_float(out), to_float(dd)))
             del tangent
+        local = torch.tensor(mine, dtype=torch.float64).reshape(-1, 2)
+        dirs: list[int] = []
+        derivs: list[float] = []
+        loss: float | None = None
+        bad = 0
+        for k, (value, deriv) in enumerate(self.collective.gather(local, self.tangents).tolist()):
             if math.isfinite(value):
                 loss = value
             if not (math.isfinite(value) and math.isfinite(deriv)):

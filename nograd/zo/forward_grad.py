@@ -62,6 +62,7 @@ class ForwardGradient(SGDRule, ZOOptimizer):
         module: nn.Module | None = None,
         log_path: str | os.PathLike | None = None,
         trajectory: Callable[[Record], None] | None = None,
+        process_group: Any = None,
     ) -> None:
         check_int("tangents", tangents, 1)
         super().__init__(
@@ -72,6 +73,7 @@ class ForwardGradient(SGDRule, ZOOptimizer):
             seed=seed,
             log_path=log_path,
             trajectory=trajectory,
+            process_group=process_group,
             header_kwargs={"tangents": tangents},
         )
         self.tangents = int(tangents)

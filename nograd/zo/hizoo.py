@@ -66,6 +66,7 @@ class HiZOO(SPSAOptimizer):
         *,
         log_path: str | os.PathLike | None = None,
         trajectory: Callable[[Record], None] | None = None,
+        process_group: Any = None,
     ) -> None:
         check_hizoo(0, "gaussian", hessian_smooth)
         super().__init__(
@@ -78,6 +79,7 @@ class HiZOO(SPSAOptimizer):
             seed=seed,
             log_path=log_path,
             trajectory=trajectory,
+            process_group=process_group,
         )
         for p in self.space.tensors:
             self.state[p]["hessian"] = torch.ones(p.shape, dtype=torch.float32, device=p.device)

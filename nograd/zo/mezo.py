@@ -29,6 +29,7 @@ class SPSAOptimizer(ZOOptimizer):
         log_path: str | os.PathLike | None,
         trajectory: Callable[[Record], None] | None,
         header_kwargs: dict[str, Any] | None = None,
+        process_group: Any = None,
     ) -> None:
         check_int("directions", directions, 1)
         super().__init__(
@@ -39,6 +40,7 @@ class SPSAOptimizer(ZOOptimizer):
             seed=seed,
             log_path=log_path,
             trajectory=trajectory,
+            process_group=process_group,
             header_kwargs={"directions": directions, "one_sided": bool(one_sided), **(header_kwargs or {})},
         )
         self.directions = int(directions)
@@ -93,6 +95,8 @@ class MeZO(SGDRule, SPSAOptimizer):
         seed: the noise seed (saved in ``state_dict``, so a resumed run draws the same noise).
         log_path: append each step to this JSONL trajectory log (see :mod:`nograd.zo.replay`).
         trajectory: called with each step's record (a JSON-able dict).
+        process_group: a ``torch.distributed`` process group to share the directions with (each
+            rank evaluates its block, one all-gather of the losses; see :mod:`nograd.core.distributed`).
 
     Example:
         >>> import torch, nograd
@@ -122,6 +126,7 @@ class MeZO(SGDRule, SPSAOptimizer):
         *,
         log_path: str | os.PathLike | None = None,
         trajectory: Callable[[Record], None] | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             params,
@@ -133,4 +138,5 @@ class MeZO(SGDRule, SPSAOptimizer):
             seed=seed,
             log_path=log_path,
             trajectory=trajectory,
+            process_group=process_group,
         )

@@ -63,6 +63,7 @@ class ZOMomentum(SPSAOptimizer):
         *,
         log_path: str | os.PathLike | None = None,
         trajectory: Callable[[Record], None] | None = None,
+        process_group: Any = None,
     ) -> None:
         if buffer not in BUFFERS:
             raise ValueError(f"buffer must be one of {BUFFERS}, got {buffer!r}")
@@ -81,6 +82,7 @@ class ZOMomentum(SPSAOptimizer):
             seed=seed,
             log_path=log_path,
             trajectory=trajectory,
+            process_group=process_group,
             header_kwargs={"buffer": buffer, "window": self.window},
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ class ZOSign(SPSAOptimizer):
         *,
         log_path: str | os.PathLike | None = None,
         trajectory: Callable[[Record], None] | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             params,
@@ -58,6 +60,7 @@ class ZOSign(SPSAOptimizer):
             seed=seed,
             log_path=log_path,
             trajectory=trajectory,
+            process_group=process_group,
         )
 
     def apply_record(self, record: Record) -> None:
