@@ -354,6 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RunAborted as e:  # a process died or hung, or the processes diverged
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        if e.exit_now:  # a broken communicator's threads abort the interpreter's exit: leave now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -104,7 +104,8 @@ class Collective:
             first = _reason(e)
             raise RunAborted(
                 f"rank {self.rank} of {self.world_size} lost contact with the other processes during {what} "
-                f"({first}); resume from the last checkpoint with --resume"
+                f"({first}); resume from the last checkpoint with --resume",
+                exit_now=True,
             ) from None
 
     def gather(self, local: torch.Tensor, n: int, unit: int = 1) -> torch.Tensor:

@@ -16,4 +16,11 @@ class UsageError(Exception):
 class RunAborted(Exception):
     """A run that had to stop for a reason outside the user's input: a process of a distributed
     run died or hung, or the processes' weights diverged. The message says what happened and how to
-    go on (usually: resume from the last checkpoint). The CLI prints it as one line and exits 1."""
+    go on (usually: resume from the last checkpoint). The CLI prints it as one line and exits 1.
+
+    ``exit_now``: the process group is broken (a peer is gone), so its background threads cannot
+    be shut down cleanly; the CLI then leaves with ``os._exit`` rather than a normal exit."""
+
+    def __init__(self, message: str, exit_now: bool = False) -> None:
+        super().__init__(message)
+        self.exit_now = exit_now

@@ -384,14 +384,11 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     ``--resume``. Process-wide settings: ``cfg.threads`` sets torch's thread count, and a
     population method turns on :func:`nograd.core.allocator.retain_freed_memory`.
     """
-    run = None
-    try:
-        run = Run.setup(cfg, explicit)
-        summary = run.train()
-        # rank 0 writes the plot and sample last; the others wait, so that no rank's exit closes
-        # the connections while a peer still holds them (gloo aborts a process on that)
+    run = Run.setup(cfg, explicit)
+    summary = run.train()
+    if run.joined:
+        # rank 0 writes the plot and the sample last; the others wait, so that no rank's exit
+        # closes the connections while a peer still holds them (gloo aborts a process on that)
         run.collective.barrier()
-        return summary
-    finally:
-        if run is not None and run.joined:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
+    return summary
