@@ -1,4 +1,4 @@
-"""`nograd bench throughput` and `nograd bench memory` on tiny settings: keys and sanity."""
+"""`nograd bench throughput`, `memory` and `distributed` on tiny settings: keys and sanity."""
 
 from __future__ import annotations
 
@@ -36,3 +36,27 @@ def test_memory_bench_counts_the_noise_table() -> None:
 def test_memory_bench_rejects_unknown_method() -> None:
     with pytest.raises(ValueError, match="unknown method"):
         get("memory")(["--methods", "inference,sgd"])
+
+
+def test_distributed_bench_reports_scaling_and_bytes() -> None:
+    argv = ["--population", "8", "--generations", "2", "--warmup", "1", "--n-embd", "16", "--n-head", "2"]
+    out = get("distributed")(argv)
+    assert out["procs"] == [1, 2] and set(out["generations_per_s"]) == {"1", "2"}
+    assert out["efficiency"] > 0 and out["weights_bytes"] == 4 * out["params"]
+    # each rank sends its 4 float32 losses (2 antithetic pairs) once, to the other rank
+    assert out["bytes_per_generation"] == 4 * 4
+    model = out["model"]["speedup_at"]
+    assert set(model) == {"ring", "tree"} and set(model["tree"]) == {"16", "256", "1024"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--population", "7"], "even"),
+        (["--procs", "64"], "cores"),
+        (["--generations", "0"], "--generations"),
+    ],
+)
+def test_distributed_bench_checks_its_arguments(argv, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        get("distributed")(argv)

@@ -41,5 +41,10 @@ register(
     "es", "nograd.bench.es", "seconds per ES generation (each strategy) / batched inference of P MLP copies"
 )
 register(
+    "distributed",
+    "nograd.bench.distributed",
+    "generations/s of one population on 1 and N processes, bytes sent, a scaling model",
+)
+register(
     "nres", "nograd.bench.nres_tbptt", "NRES vs truncated backprop on influence balancing (episode loss)"
 )

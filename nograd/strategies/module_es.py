@@ -203,13 +203,19 @@ class ModuleES:
         In batched mode every tensor of ``batch`` is repeated member-major (``k * b`` rows).
         With a process group this rank evaluates its share and the losses are all-gathered.
         """
-        unit = 2 if self.antithetic else 1
-        members = self.collective.share(self.population, unit)
+        return self.collective.gather(self.evaluate_share(loss_fn, *batch), self.population, self._unit)
+
+    @property
+    def _unit(self) -> int:
+        return 2 if self.antithetic else 1  # a share holds whole antithetic pairs
+
+    def evaluate_share(self, loss_fn: ModuleLossFn, *batch: Any) -> torch.Tensor:
+        """Losses of this rank's members only (all members in one process): :meth:`evaluate` before
+        the all-gather."""
+        members = self.collective.share(self.population, self._unit)
         if self.mode == "batched":
-            local = self._evaluate_batched(loss_fn, batch, members)
-        else:
-            local = self._evaluate_inplace(loss_fn, batch, members)
-        return self.collective.gather(local, self.population, unit)
+            return self._evaluate_batched(loss_fn, batch, members)
+        return self._evaluate_inplace(loss_fn, batch, members)
 
     def _evaluate_batched(self, loss_fn: ModuleLossFn, batch: Sequence[Any], members: range) -> torch.Tensor:
         b = batch_rows(batch)
