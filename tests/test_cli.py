@@ -182,6 +182,7 @@ def test_documented_train_commands_still_parse():
     for argv in commands:
         args = build_parser(argv).parse_args(argv)
         cfg, explicit = config_from_args(args)
+        flags = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")} - {"resume"}
+        assert flags <= explicit | {"opt"}, argv  # every flag reached the config
         if "--resume" not in argv:
             cfg.validate()
-            assert {"n_layer", "batch_size"} <= explicit, argv

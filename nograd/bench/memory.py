@@ -7,8 +7,8 @@ weights dominate memory) and does one thing once:
 * a zeroth-order step (``mezo``, ``zo-sign``, ...): two perturbed forwards and the update;
 * ``adamw``: forward, backward and an AdamW step, for reference.
 
-What a step *adds* is ``peak - memory after imports``: peak RSS on CPU (``ru_maxrss``),
-``torch.cuda.max_memory_allocated`` on GPU. ``memory_ratio`` = step / inference.
+What a step *adds* is ``peak - memory after imports``: the process's peak RSS on CPU (Linux's
+VmHWM, see :func:`peak_rss`), ``torch.cuda.max_memory_allocated`` on GPU. ``memory_ratio`` = step / inference.
 ``time_ratio`` = a MeZO step's time / the time of two inference forwards, timed interleaved in
 one process (medians); ``time_ratio_rank1_noise`` the same with rank-1 matrix noise;
 ``time_ratio_table_noise`` with Gaussian noise read from the shared noise table (the
@@ -114,6 +114,20 @@ def _step_fn(method: str, model, loss):
     return lambda: opt.step(lambda: loss().item())
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: Linux's VmHWM, the high-water mark of its own
+    address space. ``ru_maxrss`` is not used where VmHWM exists: across ``fork`` + ``exec`` it keeps
+    the parent's peak, so a child of a large parent would start from the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child(args: argparse.Namespace) -> dict:
     import torch
     import torch.func  # noqa: F401
@@ -132,7 +146,7 @@ def _child(args: argparse.Namespace) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = peak_rss()
     model, loss = _setup(args)
     step = _step_fn(args.child, model, loss)
     step()
@@ -140,7 +154,7 @@ def _child(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss()
     params = sum(p.numel() for p in model.parameters())
     return {"added_bytes": peak - base, "params": params}
 

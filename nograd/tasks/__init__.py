@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from nograd.core.errors import UsageError
 from nograd.tasks.base import Metric, Task
+from nograd.tasks.prompt_classification import (
+    PromptClassificationTask,
+    TweetsBinaryTask,
+    TweetsThreeClassTask,
+)
 from nograd.tasks.shakespeare import ShakespeareCharConfig, ShakespeareCharTask, per_example_loss
 
 TASKS: dict[str, type[Task]] = {
-    ShakespeareCharTask.name: ShakespeareCharTask,
+    task.name: task
+    for task in (ShakespeareCharTask, TweetsBinaryTask, TweetsThreeClassTask, PromptClassificationTask)
 }
 
 

@@ -110,6 +110,9 @@ class TrainConfig:
         options = task_options(self)
         check = getattr(options, "validate", None)  # a task's own cross-field checks, if it has any
         check() if callable(check) else check_options(options)
+        check_method = getattr(options, "check_method", None)  # e.g. an objective with no gradient
+        if callable(check_method):
+            check_method(get_method(self.optimizer).forward_only)
 
 
 def task_options(cfg: TrainConfig) -> Any:
@@ -229,7 +232,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill in defaults that depend on other fields, so config.json records what ran."""
     changes: dict[str, Any] = {"task_config": task_options(cfg)}
     if cfg.lr is None:
-        changes["lr"] = get_method(cfg.optimizer).default_lr
+        info = get_method(cfg.optimizer)
+        task_lr = getattr(get_task(cfg.task), "default_lr", None)  # a task may know better (fine-tuning)
+        lr = task_lr(info.name, info.forward_only, changes["task_config"]) if task_lr else None
+        changes["lr"] = info.default_lr if lr is None else lr
     if cfg.lr_decay_steps is None:
         changes["lr_decay_steps"] = cfg.steps
     if cfg.out is None:

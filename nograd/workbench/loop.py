@@ -179,7 +179,8 @@ class Run:
                 "the checkpoint's model does not match this task and data (different data file?)"
             )
         try:
-            self.model.load_state_dict(ckpt["model"])
+            load = getattr(self.task, "load_model_state", None)  # e.g. LoRA: the adapters only
+            load(self.model, ckpt["model"]) if load else self.model.load_state_dict(ckpt["model"])
             self.method.load_state_dict(ckpt["method"])
             self.task.sampler.load_state_dict(ckpt["sampler"])
             torch.set_rng_state(ckpt["rng"]["torch"])
@@ -279,7 +280,9 @@ class Run:
             "config": config_to_dict(self.cfg),
             "model_config": asdict(self.task.model_config),
             "task_meta": self.task.meta,
-            "model": self.model.state_dict(),
+            "model": self.task.model_state(self.model)
+            if hasattr(self.task, "model_state")
+            else self.model.state_dict(),
             "method": self.method.state_dict(),
             "sampler": self.task.sampler.state_dict(),
             "rng": rng,
@@ -363,6 +366,10 @@ class Run:
                 "nograd: warning: matplotlib is not installed, so no loss.png (pip install 'nograd[plot]')",
                 file=sys.stderr,
             )
+        export = getattr(self.task, "export", None)  # a folder that the model's own library loads
+        if export is not None:
+            export(self.model, self.out / "export")
+            self.log(f"exported the model to {self.out / 'export'}")
         sample = self.task.sample(self.model, seed=cfg.seed)
         (self.out / "sample.txt").write_text(sample)
         summary["sample"] = sample
