@@ -28,7 +28,7 @@ def test_memory_bench_counts_the_noise_table() -> None:
     assert out["memory_ratio"] == out["memory_ratios"]["mezo"]
     # the table's float32 numbers are resident in the mezo-table process only
     added = out["added_bytes"]
-    assert added["mezo-table"] - added["mezo"] > 0.9 * 4 * TABLE_SIZE
+    assert added["mezo-table"] - added["mezo"] > 0.8 * 4 * TABLE_SIZE
     for key in ("time_ratio", "time_ratio_rank1_noise", "time_ratio_table_noise"):
         assert math.isfinite(out[key]) and out[key] > 0
 
