@@ -60,3 +60,34 @@ def test_distributed_bench_reports_scaling_and_bytes() -> None:
 def test_distributed_bench_checks_its_arguments(argv, message) -> None:
     with pytest.raises(ValueError, match=message):
         get("distributed")(argv)
+
+
+def test_lm_memory_bench_on_a_tiny_llama(tmp_path) -> None:
+    pytest.importorskip("peft")
+    from _tiny_lm import sentiment_csv, tiny_lm_folder
+
+    argv = [
+        "--task",
+        "text-classification",
+        "--model",
+        str(tiny_lm_folder(tmp_path)),
+        "--data",
+        str(sentiment_csv(tmp_path)),
+        "--classes",
+        "negative,positive",
+        "--threads",
+        "1",
+        "--batch-size",
+        "4",
+        "--methods",
+        "inference,mezo-lora,eggroll-lora",
+        "--population",
+        "4",
+    ]
+    out = get("lm-memory")(argv)
+    assert set(out["memory_ratios"]) == {"mezo-lora", "eggroll-lora"}
+    assert all(r > 0 and math.isfinite(r) for r in out["memory_ratios"].values())
+    assert out["trainable"]["mezo-lora"] < out["weight_bytes"] / 4  # the adapters only
+    assert out["eggroll_population"] == 4 and out["eggroll_time_ratio"] > 0
+    with pytest.raises(ValueError, match="unknown method"):
+        get("lm-memory")(["--methods", "sgd-full"])

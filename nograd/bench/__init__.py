@@ -41,6 +41,11 @@ register(
     "es", "nograd.bench.es", "seconds per ES generation (each strategy) / batched inference of P MLP copies"
 )
 register(
+    "lm-memory",
+    "nograd.bench.lm_memory",
+    "peak memory of one fine-tuning step of a pretrained LM (MeZO, AdamW, EGGROLL) vs inference",
+)
+register(
     "distributed",
     "nograd.bench.distributed",
     "generations/s of one population on 1 and N processes, bytes sent, a scaling model",
