@@ -22,12 +22,11 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 from . import BenchArgumentParser
-from .memory import peak_rss
+from .memory import measure_each, peak_rss
 
 METHODS = {
     "inference": ("mezo", "full"),
@@ -136,29 +135,13 @@ def _child(args: argparse.Namespace) -> dict:
     return result
 
 
-def _spawn(argv: list[str], method: str) -> dict:
-    cmd = [sys.executable, "-m", "nograd.bench.lm_memory", *argv, "--child", method]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"bench lm-memory: measuring {method} failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run(argv: list[str]) -> dict:
     args = _args(argv)
     if args.child:
         return _child(args)
     if not os.path.exists("/proc/self/clear_refs"):
         raise ValueError("bench lm-memory needs Linux (/proc/self/clear_refs resets the peak-RSS mark)")
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    if "inference" not in methods:
-        methods.insert(0, "inference")
-    parent = [a for a in argv if a != "--json"]
-    measured = {m: _spawn(parent, m) for m in methods}
+    measured = measure_each(argv, args.methods, list(METHODS), "nograd.bench.lm_memory")
     w = measured["inference"]["weight_bytes"]
     inference = w + measured["inference"]["added_bytes"]
     out = {

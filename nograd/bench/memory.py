@@ -24,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Sequence
 
 from . import BenchArgumentParser
 
@@ -202,26 +203,31 @@ def _timing(args: argparse.Namespace) -> dict:
     }
 
 
-def _spawn(argv: list[str], child: str) -> dict:
-    env = dict(os.environ)
-    cmd = [sys.executable, "-m", "nograd.bench.memory", *argv, "--child", child]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def _spawn(argv: list[str], child: str, module: str) -> dict:
+    cmd = [sys.executable, "-m", module, *argv, "--child", child]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"bench memory: measuring {child} failed: {last}")
+        raise RuntimeError(f"{module}: measuring {child} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_each(argv: list[str], methods_text: str, known: Sequence[str], module: str) -> dict[str, dict]:
+    """Run ``python -m module ARGV --child M`` for inference and each method of ``methods_text``
+    (comma-separated, from ``known``), each in a fresh process; their JSON results by method."""
+    methods = [m for m in methods_text.split(",") if m]
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(known)}")
+    if "inference" not in methods:
+        methods.insert(0, "inference")
+    parent = [a for a in argv if a != "--json"]
+    return {m: _spawn(parent, m, module) for m in methods}
 
 
 def run(argv: list[str]) -> dict:
     args = _args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
-    if "inference" not in methods:
-        methods.insert(0, "inference")
-    parent = [a for a in argv if a != "--json"]
-    measured = {m: _spawn(parent, m) for m in methods}
+    measured = measure_each(argv, args.methods, ALL_METHODS, "nograd.bench.memory")
     inference = measured["inference"]["added_bytes"]
     if inference <= 0:
         raise ValueError(
@@ -239,7 +245,7 @@ def run(argv: list[str]) -> dict:
     if "mezo" in out["memory_ratios"]:
         out["memory_ratio"] = out["memory_ratios"]["mezo"]
     if not args.no_time:
-        out.update(_spawn(parent, "timing"))
+        out.update(_spawn([a for a in argv if a != "--json"], "timing", "nograd.bench.memory"))
     return out
 
 
