@@ -91,3 +91,21 @@ def test_lm_memory_bench_on_a_tiny_llama(tmp_path) -> None:
     assert out["eggroll_population"] == 4 and out["eggroll_time_ratio"] > 0
     with pytest.raises(ValueError, match="unknown method"):
         get("lm-memory")(["--methods", "sgd-full"])
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        ("throughput", ["--device", "nope"], "unknown --device 'nope'"),
+        ("es", ["--dim", "-5"], "--dim must be >= 1, got -5"),
+        ("es", ["--repeats", "0"], "--repeats must be >= 1"),
+        ("memory", ["--batch-size", "0"], "--batch-size must be >= 1"),
+        ("nres", ["--sigma", "1e39"], "too large for float32"),
+        ("nres", ["--lr", "nan"], "--lr must be a finite number"),
+        ("nres", ["--seed", "-1"], "--seed must be >= 0"),
+        ("distributed", ["--warmup", "-1"], "--warmup must be >= 0"),
+    ],
+)
+def test_every_benchmark_checks_its_numbers_by_class(name, argv, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        get(name)(argv)

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=256, help="members per generation (default: 256)")
     p.add_argument("--procs", type=int, default=2, help="the process count to compare with one (default: 2)")
     p.add_argument("--generations", type=int, default=30, help="timed generations (default: 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed generations first (default: 5)")
+    p.add_argument("--warmup", type=int, default=5, minimum=0, help="untimed generations first (default: 5)")
     p.add_argument("--n-layer", type=int, default=1)
     p.add_argument("--n-embd", type=int, default=32)
     p.add_argument("--n-head", type=int, default=4)

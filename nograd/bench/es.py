@@ -32,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from nograd.bench import BenchArgumentParser
 from nograd.bench.timing import interleaved_medians
 from nograd.strategies.eggroll import EGGROLL
 from nograd.strategies.module_adapter import ModuleAdapter
@@ -99,7 +99,7 @@ def _label(name: str, noise: str) -> str:
 
 
 def run(args: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="nograd bench es", description=__doc__.splitlines()[0])
+    p = BenchArgumentParser(prog="nograd bench es", description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, default=100_000, help="approximate number of MLP parameters")
     p.add_argument("--population", type=int, default=128)
     p.add_argument("--batch", type=int, default=32, help="rows per member (all members see the same rows)")

@@ -22,13 +22,13 @@ Run: ``python -m nograd.bench.nres_tbptt --json`` (or ``nograd bench nres``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 from torch import nn
 
+from nograd.bench import BenchArgumentParser
 from nograd.strategies.nres import NRES
 
 
@@ -168,7 +168,7 @@ def train_tbptt(
 
 
 def run(args: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="nograd bench nres", description=__doc__.splitlines()[0])
+    p = BenchArgumentParser(prog="nograd bench nres", description=__doc__.splitlines()[0])
     p.add_argument("--updates", type=int, default=200)
     p.add_argument("--episode-length", type=int, default=200)
     p.add_argument("--window", type=int, default=10)
@@ -176,7 +176,7 @@ def run(args: list[str]) -> dict:
     p.add_argument("--sigma", type=float, default=0.01)
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--outer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, minimum=0)
     p.add_argument("--json", action="store_true", help="(accepted for the CLI; output is JSON anyway)")
     a = p.parse_args(args)
     torch.manual_seed(a.seed)

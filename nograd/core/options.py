@@ -141,6 +141,25 @@ def check_value(name: str, value: Any, base: type, optional: bool, meta: dict[st
         raise UsageError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
 
 
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps``, and present on this machine; else a UsageError."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind not in DEVICE_KINDS or (index and not index.isdigit()) or (index and kind != "cuda"):
+        raise UsageError(f"unknown {flag} {device!r} (cpu, cuda, cuda:N or mps)")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {device} given but CUDA is not available")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag} mps given but MPS is not available")
+
+
 def check_options(config: Any) -> None:
     """Check every :func:`option` field of the dataclass instance ``config`` (see module doc)."""
     types = field_types(type(config))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from nograd.core.errors import UsageError
-from nograd.core.options import check_options, flag_name, option
+from nograd.core.options import check_device, check_options, flag_name, option
 from nograd.tasks import get_task
 from nograd.workbench.registry import OUTER_OPTIMIZERS, get_method
 
@@ -97,13 +97,7 @@ class TrainConfig:
         get_task(self.task)  # an unknown task, before anything else
         get_method(self.optimizer)
         check_options(self)
-        if not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
-            raise UsageError(f"unknown --device {self.device!r} (cpu, cuda, cuda:N or mps)")
-        if self.device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UsageError("--device cuda given but CUDA is not available")
+        check_device(self.device)
         for key, value in self.opts.items():
             if not key or not isinstance(value, str):
                 raise UsageError(f"bad --opt key {key!r}")
