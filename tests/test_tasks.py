@@ -295,3 +295,12 @@ def test_progress_bar_shows_its_rate_label():
     p = Progress(10, enabled=True, stream=stream, rate_label="member-tok/s")
     p.update(10, 1.5, 4096.0, 5.0)
     assert "4,096 member-tok/s" in stream.getvalue()
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_numbers(tmp_path, capsys):
+    data = str(small_text(tmp_path))
+    for argv in (["--batch-size", "100000000"], ["--optimizer", "eggroll", "--population", "100000"]):
+        assert main(["train", "--data", data, "--out", str(tmp_path / "o"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert "this run needs at least" in err and "GiB is available" in err
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()

@@ -175,6 +175,28 @@ class ShakespeareCharTask:
         return generate_text(model, self.vocab, self.default_prompt, self.config.sample_chars, seed=seed)
 
     @staticmethod
+    def estimate_bytes(config: ShakespeareCharConfig, population: int, backward: bool) -> int:
+        """A lower bound on a run's memory, from the config alone (before any allocation).
+
+        Weights ``12 L E^2 + (V + T) E`` numbers (V taken as 65); the fixed validation batches;
+        one forward of ``population x batch`` rows holds at least its logits and one layer's
+        attention scores and MLP input ``T (V + H T + 4 E)`` per row; backprop keeps every
+        layer's activations, at least ``L T (16 E + 2 H T)`` per row, and AdamW three more copies
+        of the weights.
+        """
+        c, vocab = config, 65
+        params = 12 * c.n_layer * c.n_embd**2 + (vocab + c.block_size) * c.n_embd
+        rows = population * c.batch_size
+        forward = rows * c.block_size * (vocab + c.n_head * c.block_size + 4 * c.n_embd)
+        val_batches = 2 * c.eval_batches * EVAL_BATCH_SIZE * c.block_size * 2  # int64 x and y
+        total = params + forward + val_batches
+        if backward:
+            total += (
+                rows * c.n_layer * c.block_size * (16 * c.n_embd + 2 * c.n_head * c.block_size) + 3 * params
+            )
+        return 4 * total
+
+    @staticmethod
     def generate(
         checkpoint: dict, prompt: str, chars: int, temperature: float, top_k: int | None, seed: int
     ) -> str:

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nograd.core.allocator import retain_freed_memory
+from nograd.core.allocator import available_bytes, retain_freed_memory
 from nograd.core.distributed import Collective, default_group
 from nograd.core.errors import RunAborted, UsageError
 from nograd.tasks import get_task
@@ -53,6 +53,7 @@ from nograd.workbench.config import (
     resume_config,
     task_options,
 )
+from nograd.workbench.methods_es import ES_DEFAULTS
 from nograd.workbench.metrics import read_rows, write_rows
 from nograd.workbench.plot import plot_metrics
 from nograd.workbench.progress import Progress
@@ -84,6 +85,23 @@ def join_processes(cfg: TrainConfig) -> bool:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise RunAborted(f"could not join the other processes ({first})") from None
     return True
+
+
+def _check_memory(cfg: TrainConfig, info: MethodInfo) -> None:
+    """Refuse, with the numbers, a run whose task says it cannot fit in the available memory."""
+    estimate = getattr(get_task(cfg.task), "estimate_bytes", None)
+    available = available_bytes()
+    if estimate is None or available is None or cfg.device != "cpu":
+        return
+    population = 1
+    if info.population:
+        population = cfg.population or ES_DEFAULTS.get(info.name, {}).get("population") or 1
+    need = estimate(task_options(cfg), population, backward=not info.forward_only)
+    if need > available:
+        raise UsageError(
+            f"this run needs at least {need / 2**30:.1f} GiB of memory and {available / 2**30:.1f} GiB is "
+            "available: lower --batch-size, --population, --block-size or the model's size"
+        )
 
 
 def _resume_path(cfg: TrainConfig) -> str:
@@ -150,6 +168,7 @@ class Run:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         info = get_method(cfg.optimizer)
+        _check_memory(cfg, info)
         if info.population:  # each step evaluates a population: keep its activations' pages
             retain_freed_memory()
         torch.manual_seed(cfg.seed)
