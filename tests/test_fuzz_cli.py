@@ -78,6 +78,16 @@ def data(tmp_path_factory):
     return str(small_text(tmp_path_factory.mktemp("fuzz")))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def keep_threads():
+    """--threads sets torch's process-wide thread count: put it back for the tests that follow."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flags=flag_sets)
 def test_train_never_ends_in_a_traceback(flags, data, tmp_path_factory, capsys):
@@ -110,6 +120,7 @@ def test_train_never_ends_in_a_traceback(flags, data, tmp_path_factory, capsys):
     ]
     for flag, value in flags:
         argv.append(f"--{flag}={value}")
+    capsys.readouterr()  # nothing left over from an earlier example
     status = main(argv)  # any exception other than a clean exit fails the test with its traceback
     err = capsys.readouterr().err
     assert status in (0, 2), (argv, status, err)

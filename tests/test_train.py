@@ -225,3 +225,9 @@ def test_progress_bar_only_on_a_terminal():
         p.clear()
     assert "10/10" in tty.getvalue() and "loss 1.5000" in tty.getvalue() and "eta 1:05" in tty.getvalue()
     assert pipe.getvalue() == ""
+
+
+def test_a_diverging_run_stops_and_keeps_no_sample(tmp_path):
+    summary = train(tiny_config(tmp_path, lr=1e21, warmup=0, steps=6, eval_every=1))
+    assert summary["stopped"] == "diverged" and summary["sample"] == ""
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()

@@ -168,9 +168,9 @@ class Run:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         info = get_method(cfg.optimizer)
-        _check_memory(cfg, info)
         if info.population:  # each step evaluates a population: keep its activations' pages
             retain_freed_memory()
+        _check_memory(cfg, info)
         torch.manual_seed(cfg.seed)
         task = get_task(cfg.task)(task_options(cfg), cfg.seed)
         model = task.build_model().to(device)
@@ -389,7 +389,7 @@ class Run:
         if export is not None:
             export(self.model, self.out / "export")
             self.log(f"exported the model to {self.out / 'export'}")
-        sample = self.task.sample(self.model, seed=cfg.seed)
+        sample = "" if stopped == "diverged" else self.task.sample(self.model, seed=cfg.seed)
         (self.out / "sample.txt").write_text(sample)
         summary["sample"] = sample
         if sample:
