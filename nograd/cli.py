@@ -108,8 +108,9 @@ def add_options(group: argparse._ArgumentGroup, config_cls: type, names: Sequenc
         base, _ = types[f.name]
         default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
         text = f.metadata["help"]
-        if default is not None and default is not False:
-            text += f" (default: {default})"
+        if default is not None and default is not False and default != "":
+            shown = repr(default) if isinstance(default, str) and not default.isprintable() else default
+            text += f" (default: {shown})".replace("%", "%%")  # argparse formats help with %
         if f.metadata["choices"]:
             text += f"; one of {', '.join(map(str, f.metadata['choices']))}"
         if base is bool:
