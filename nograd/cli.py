@@ -128,7 +128,7 @@ def add_options(group: argparse._ArgumentGroup, config_cls: type, names: Sequenc
 def _task_of(argv: list[str]) -> str:
     """The task whose flags ``train`` takes: --task, else a resumed checkpoint's, else the default."""
     from nograd.workbench.checkpoint import load_checkpoint
-    from nograd.workbench.config import TrainConfig
+    from nograd.workbench.config import TrainConfig, resume_path
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task")
@@ -138,12 +138,11 @@ def _task_of(argv: list[str]) -> str:
     known, _ = pre.parse_known_args(argv)
     if known.task or not known.resume:
         return known.task or TrainConfig.task
-    path = known.resume
-    if path == "auto":
-        name = f"{TrainConfig.task}-{known.optimizer or TrainConfig.optimizer}"
-        path = os.path.join(known.out or os.path.join("runs", name), "checkpoint.pt")
     try:
-        task = load_checkpoint(path)["config"]["task"]
+        pending = TrainConfig(
+            resume=known.resume, out=known.out, optimizer=known.optimizer or TrainConfig.optimizer
+        )
+        task = load_checkpoint(resume_path(pending))["config"]["task"]
     except (UsageError, KeyError, TypeError):
         return TrainConfig.task  # train() reports what is wrong with the checkpoint
     return task if isinstance(task, str) else TrainConfig.task

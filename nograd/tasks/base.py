@@ -11,6 +11,7 @@ To add a task, write a class that follows :class:`Task` and list it in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -37,9 +38,12 @@ class Metric:
         if self.goal not in GOALS:
             raise ValueError(f"goal must be one of {GOALS}, got {self.goal!r}")
 
-    def better(self, a: float, b: float) -> bool:
-        """True when ``a`` is strictly better than ``b``."""
-        return a < b if self.goal == "min" else a > b
+    def best(self, values: list[float]) -> float | None:
+        """The best of the finite ``values`` by this metric's goal; None when there is none."""
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
+            return None
+        return min(finite) if self.goal == "min" else max(finite)
 
 
 class BatchSource(Protocol):

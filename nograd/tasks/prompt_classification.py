@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nograd.core.errors import UsageError
+from nograd.core.errors import UsageError, first_line
 from nograd.core.options import check_options, option
 from nograd.models.hf import load_causal_lm
 from nograd.tasks.base import Metric
@@ -213,7 +213,6 @@ class PromptClassificationTask:
             Metric("test_accuracy", "max", "accuracy", chance),
             Metric("test_f1", "max", "macro-F1"),
         )
-        self.differentiable = config.objective == "ce"
 
     # ------------------------------------------------------------------ prompts
 
@@ -264,9 +263,7 @@ class PromptClassificationTask:
                 warnings.simplefilter("ignore", FutureWarning)
                 return get_peft_model(model, lora)
         except ValueError as e:
-            raise UsageError(
-                f"--lora-targets {self.config.lora_targets!r}: {str(e).splitlines()[0][:160]}"
-            ) from None
+            raise UsageError(f"--lora-targets {self.config.lora_targets!r}: {first_line(e)}") from None
 
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint stores: every weight, or only the LoRA adapters."""

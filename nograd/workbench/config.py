@@ -217,7 +217,7 @@ def resume_config(saved: TrainConfig, cfg: TrainConfig, explicit: set[str] | Non
     if not isinstance(new_task, type(saved_task)):
         raise UsageError(f"these options are for another task than the checkpoint's ({saved.task})")
     task_changes = _merge(saved_task, new_task, explicit)
-    changes = _merge(saved, replace(cfg, task=saved.task), explicit)
+    changes = _merge(saved, cfg, explicit)  # an explicit other --task was refused above
     changes["task_config"] = replace(saved_task, **task_changes)
     return replace(saved, **changes)
 
@@ -235,6 +235,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.out is None:
         changes["out"] = os.path.join("runs", f"{cfg.task}-{cfg.optimizer}")
     return replace(cfg, **changes)
+
+
+def resume_path(cfg: TrainConfig) -> str:
+    """The checkpoint ``cfg.resume`` names: a path, or ``auto`` for ``<out>/checkpoint.pt``."""
+    if cfg.resume is None:
+        raise ValueError("the config resumes nothing")
+    return os.path.join(resolve(cfg).out, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
 
 
 def lr_scale(step: int, cfg: TrainConfig) -> float:

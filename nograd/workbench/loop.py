@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from nograd.core.allocator import available_bytes, retain_freed_memory
 from nograd.core.distributed import Collective, default_group
-from nograd.core.errors import RunAborted, UsageError
+from nograd.core.errors import RunAborted, UsageError, first_line
 from nograd.tasks import get_task
 from nograd.tasks.base import Task
 from nograd.workbench.checkpoint import load_checkpoint, save_checkpoint
@@ -51,6 +51,7 @@ from nograd.workbench.config import (
     lr_scale,
     resolve,
     resume_config,
+    resume_path,
     task_options,
 )
 from nograd.workbench.methods_es import ES_DEFAULTS
@@ -82,8 +83,7 @@ def join_processes(cfg: TrainConfig) -> bool:
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist_timeout))
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise RunAborted(f"could not join the other processes ({first})") from None
+        raise RunAborted(f"could not join the other processes ({first_line(e)})") from None
     return True
 
 
@@ -102,11 +102,6 @@ def _check_memory(cfg: TrainConfig, info: MethodInfo) -> None:
             f"this run needs at least {need / 2**30:.1f} GiB of memory and {available / 2**30:.1f} GiB is "
             "available: lower --batch-size, --population, --block-size or the model's size"
         )
-
-
-def _resume_path(cfg: TrainConfig) -> str:
-    assert cfg.resume is not None
-    return os.path.join(resolve(cfg).out, "checkpoint.pt") if cfg.resume == "auto" else cfg.resume
 
 
 @dataclass
@@ -132,6 +127,11 @@ class Run:
     joined: bool = False  # this run initialised torch.distributed (and ends it)
 
     @property
+    def budget_s(self) -> float:
+        """Training seconds the run may take (``--budget-minutes``; unbounded without it)."""
+        return self.cfg.budget_minutes * 60 if self.cfg.budget_minutes is not None else math.inf
+
+    @property
     def writer(self) -> bool:
         """Rank 0 (or the only process): the one that logs and writes files."""
         return self.collective.rank == 0
@@ -144,7 +144,7 @@ class Run:
         cfg.validate()
         ckpt = None
         if cfg.resume:
-            path = _resume_path(cfg)
+            path = resume_path(cfg)
             ckpt = load_checkpoint(path)
             if not isinstance(ckpt.get("config"), dict):
                 raise UsageError(f"checkpoint {path!r} holds no training state to resume")
@@ -249,8 +249,7 @@ class Run:
         tokens = result.forward_tokens if self.info.population else float(x.numel())
         self.window = (self.window + [(dt, tokens)])[-50:]
         secs = sum(w[0] for w in self.window)
-        budget_s = cfg.budget_minutes * 60 if cfg.budget_minutes is not None else math.inf
-        eta = min((cfg.steps - self.step_count) * secs / len(self.window), budget_s - self.wall)
+        eta = min((cfg.steps - self.step_count) * secs / len(self.window), self.budget_s - self.wall)
         progress.update(self.step_count, result.loss, sum(w[1] for w in self.window) / max(secs, 1e-9), eta)
 
     # ------------------------------------------------------------------ evaluate
@@ -319,13 +318,12 @@ class Run:
         primary = self.task.metrics[0]
         rate = "member-tok/s" if self.info.population else "tok/s"
         progress = Progress(cfg.steps, enabled=not cfg.quiet, rate_label=rate)
-        budget_s = cfg.budget_minutes * 60 if cfg.budget_minutes is not None else math.inf
         stopped = "steps"
         if self.step_count == 0 and not self.rows:
             self.evaluate(save=False)  # the starting point of the curves
         try:
             while self.step_count < cfg.steps:
-                if self.wall >= budget_s:
+                if self.wall >= self.budget_s:
                     stopped = "budget"
                     break
                 self.step(progress)
@@ -370,10 +368,8 @@ class Run:
         }
         for metric in self.task.metrics:
             values = [r[metric.name] for r in self.rows if r.get(metric.name) is not None]
-            finite = [v for v in values if math.isfinite(v)]
             summary[f"final_{metric.name}"] = values[-1] if values else None
-            best = (min(finite) if metric.goal == "min" else max(finite)) if finite else None
-            summary[f"best_{metric.name}"] = best
+            summary[f"best_{metric.name}"] = metric.best(values)
         if not self.writer:
             return summary
         if plot_metrics(
