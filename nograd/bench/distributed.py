@@ -66,22 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in (
-        "population",
-        "procs",
-        "generations",
-        "n_layer",
-        "n_embd",
-        "n_head",
-        "block_size",
-        "batch_size",
-        "vocab",
-        "lm_members",
-    ):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    """What the parser's checks by class (whole numbers >= 1, --warmup >= 0) leave to check."""
     if args.population % 2 or args.population // 2 < args.procs:
         raise ValueError("--population must be even, with at least one antithetic pair per process")
     if args.n_embd % args.n_head:

@@ -55,9 +55,6 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("batch_size", "population", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.population % 2:
         raise ValueError("--population must be even (antithetic pairs)")
     return args
