@@ -196,7 +196,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nograd.workbench import train
 
     cfg, explicit = config_from_args(args)
-    train(cfg, explicit=explicit)
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    train(cfg, explicit=explicit, end_group=not joined)
+    if joined:  # every rank is past the final barrier: leave without tearing the group down
+        _leave(0)
     return 0
 
 
@@ -321,6 +324,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 
+def _leave(status: int) -> None:
+    """Exit at once (flushed, no interpreter teardown): for processes of a torch.distributed group."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
     """The ``nograd`` parser; ``argv`` lets a command shape its flags (``train --task NAME``)."""
     for module in COMMAND_MODULES:
@@ -355,9 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunAborted as e:  # a process died or hung, or the processes diverged
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         if e.exit_now:  # a broken communicator's threads abort the interpreter's exit: leave now
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            _leave(1)
         return 1
     except KeyboardInterrupt:
         return 130

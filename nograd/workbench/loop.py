@@ -399,18 +399,21 @@ class Run:
         return summary
 
 
-def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, explicit: set[str] | None = None, end_group: bool = True) -> dict[str, Any]:
     """Run (or resume) training; returns a summary (final and best of each metric, wall time, ...).
 
     ``explicit`` (from the CLI) names the fields the user set, to catch conflicting flags on
     ``--resume``. Process-wide settings: ``cfg.threads`` sets torch's thread count, and a
-    population method turns on :func:`nograd.core.allocator.retain_freed_memory`.
+    population method turns on :func:`nograd.core.allocator.retain_freed_memory`. A process group
+    this call joined is ended at the end unless ``end_group`` is False (the CLI then leaves the
+    process with ``os._exit``: gloo's threads can abort a process whose group is torn down, by
+    ``destroy_process_group`` or at interpreter exit, while a peer closes its connections).
     """
     run = Run.setup(cfg, explicit)
     summary = run.train()
     if run.joined:
-        # rank 0 writes the plot and the sample last; the others wait, so that no rank's exit
-        # closes the connections while a peer still holds them (gloo aborts a process on that)
+        # rank 0 writes the plot and the sample last; the others wait for it
         run.collective.barrier()
-        dist.destroy_process_group()
+        if end_group:
+            dist.destroy_process_group()
     return summary
