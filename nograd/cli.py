@@ -278,6 +278,69 @@ def cmd_optimizers(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- compare
+
+
+def _compare_args(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    p.add_argument(
+        "spec", nargs="?", metavar="SPEC.toml", help="the comparison (see nograd.workbench.compare)"
+    )
+    p.add_argument("--out", metavar="DIR", help="results folder (default: the spec's out)")
+    p.add_argument("--jobs", type=int, metavar="N", help="cells run at once (default: the spec's jobs)")
+    flags = p.add_argument_group("or, without a spec file")
+    flags.add_argument("--task", help="task name")
+    flags.add_argument("--methods", metavar="A,B,...", help="optimizer names")
+    flags.add_argument("--seeds", default="0", metavar="S,T,...", help="seeds (default 0)")
+    for kind in ("steps", "minutes", "tokens"):
+        flags.add_argument(f"--{kind}", type=float, metavar="X", help=f"budget in {kind}")
+    flags.add_argument("--target", type=float, action="append", default=[], help="a level to time (repeat)")
+    flags.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a train flag for every cell (repeat)"
+    )
+
+
+def _spec_from_flags(args: argparse.Namespace) -> dict:
+    if not args.task or not args.methods:
+        raise UsageError("compare needs SPEC.toml, or --task and --methods")
+    budgets = {k: getattr(args, k) for k in ("steps", "minutes", "tokens") if getattr(args, k) is not None}
+    if len(budgets) > 1:
+        raise UsageError("give one of --steps, --minutes, --tokens")
+    task: dict = {"task": args.task}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+        try:  # numbers and true/false as in a TOML spec; anything else is a string
+            task[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            task[key.replace("-", "_")] = value
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds!r}: expected whole numbers separated by commas") from None
+    methods = {m: {"optimizer": m} for m in args.methods.split(",") if m}
+    raw = {"tasks": {args.task: task}, "methods": methods, "seeds": seeds, "targets": args.target}
+    if budgets:
+        kind, value = next(iter(budgets.items()))
+        raw["budget"] = {kind: int(value) if kind == "steps" and value == int(value) else value}
+    return raw
+
+
+@command("compare", "run methods x tasks x seeds at one budget; write a table and plots", _compare_args)
+def cmd_compare(args: argparse.Namespace) -> int:
+    from nograd.workbench.compare import compare, load_spec, parse_spec
+
+    spec = load_spec(args.spec, args.out) if args.spec else parse_spec(_spec_from_flags(args), args.out)
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+        spec.jobs = args.jobs
+    written = compare(spec)
+    for path in [written["csv"], written["table"], *written["plots"]]:
+        print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- tasks
 
 

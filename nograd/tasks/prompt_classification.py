@@ -326,6 +326,11 @@ class PromptClassificationTask:
             loss = (1.0 - f1).repeat_interleave(b)
         return torch.where(finite, loss, torch.full_like(loss, math.nan))
 
+    def sample_targets(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Labels drawn from the model's softmax over the label words (SophiaG's estimate)."""
+        probs = torch.softmax(self.label_logits(model, x).float(), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).view(-1)
+
     @torch.no_grad()
     def predict(self, model: nn.Module, rows: list[list[int]]) -> torch.Tensor:
         """Label-word logits of every row, in chunks of :data:`EVAL_ROWS`."""

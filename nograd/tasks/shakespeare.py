@@ -153,6 +153,11 @@ class ShakespeareCharTask:
         return per_example_loss(model, x, y)
 
     @torch.no_grad()
+    def sample_targets(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Next characters drawn from the model's own softmax at every position (SophiaG's estimate)."""
+        probs = torch.softmax(model(x).float(), dim=-1)
+        return torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(x.shape)
+
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Mean validation loss over the fixed validation batches (eval mode, no grad)."""
         was_training = model.training

@@ -44,6 +44,13 @@ class TrainConfig:
     budget_minutes: float | None = option(
         None, "stop after this much training wall time (evaluation excluded)", above=0, resume="new"
     )
+    budget_tokens: float | None = option(
+        None,
+        "stop once this many forward-token-equivalents are spent (a forward of a token = 1, a backward 2)",
+        above=0,
+        resume="new",
+        metavar="FTE",
+    )
     eval_every: int = option(250, "steps between evaluations and checkpoints", min=1, resume="new")
     seed: int = option(0, "random seed", min=0)
     out: str | None = option(

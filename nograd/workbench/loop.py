@@ -1,15 +1,16 @@
 """The training loop shared by every task and method.
 
 ``train(cfg)`` builds the task, the model and the method named in a
-:class:`~nograd.workbench.config.TrainConfig`, then steps until ``steps`` or ``budget_minutes``
-runs out, evaluating every ``eval_every`` steps. It is :class:`Run` in five parts:
+:class:`~nograd.workbench.config.TrainConfig`, then steps until ``steps``, ``budget_minutes``
+or ``budget_tokens`` runs out, evaluating every ``eval_every`` steps. It is :class:`Run` in five parts:
 :meth:`Run.setup` (config, task, model, method, a checkpoint to resume), :meth:`Run.step`,
 :meth:`Run.evaluate`, :meth:`Run.checkpoint` and :meth:`Run.finish`. In the output folder:
 
 * ``metrics.jsonl`` and ``metrics.csv`` (:mod:`nograd.workbench.metrics`),
 * ``checkpoint.pt`` at every evaluation (:mod:`nograd.workbench.checkpoint`),
 * ``config.json``, ``loss.png`` (with matplotlib: every metric, with the task's reference
-  levels), and ``sample.txt`` (what the task shows at the end).
+  levels), ``sample.txt`` (what the task shows at the end) and ``summary.json`` (the run's
+  summary and its metrics' goals and reference levels; ``nograd compare`` reads it).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the processes join one ``torch.distributed`` group
 (gloo on CPU, NCCL on CUDA) before the method is built, and the methods share their work
@@ -85,6 +86,21 @@ def join_processes(cfg: TrainConfig) -> bool:
     except (RuntimeError, ValueError) as e:
         raise RunAborted(f"could not join the other processes ({first_line(e)})") from None
     return True
+
+
+class TaskLoss:
+    """The task's per-example loss as methods call it, ``loss_fn(model, x, y) -> (N,)``.
+
+    ``sample_targets(model, x, generator) -> y`` draws targets from the model's own predictions
+    (SophiaG's Hessian estimate) when the task can; otherwise it is None.
+    """
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.sample_targets = getattr(task, "sample_targets", None)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.task.per_example_loss(model, x, y)
 
 
 def _check_memory(cfg: TrainConfig, info: MethodInfo) -> None:
@@ -174,11 +190,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         task = get_task(cfg.task)(task_options(cfg), cfg.seed)
         model = task.build_model().to(device)
-
-        def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return task.per_example_loss(m, x, y)
-
-        run = cls(cfg, info, task, model, info.build(model, loss_fn, cfg), out, device)
+        run = cls(cfg, info, task, model, info.build(model, TaskLoss(task), cfg), out, device)
         run.collective, run.joined = collective, joined
         if ckpt is not None:
             run._restore(ckpt)
@@ -323,7 +335,8 @@ class Run:
             self.evaluate(save=False)  # the starting point of the curves
         try:
             while self.step_count < cfg.steps:
-                if self.wall >= self.budget_s:
+                tokens_spent = cfg.budget_tokens is not None and self.forward_tokens >= cfg.budget_tokens
+                if self.wall >= self.budget_s or tokens_spent:
                     stopped = "budget"
                     break
                 self.step(progress)
@@ -390,6 +403,8 @@ class Run:
         summary["sample"] = sample
         if sample:
             self.log(f"--- sample ---\n{sample}\n---")
+        metrics = [asdict(m) for m in self.task.metrics]
+        (self.out / "summary.json").write_text(json.dumps({**summary, "metrics": metrics}, indent=2) + "\n")
         final = summary[f"final_{self.task.metrics[0].name}"]
         self.log(
             f"done: {self.step_count} steps ({stopped}), {self.task.metrics[0].name} "

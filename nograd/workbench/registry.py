@@ -9,7 +9,9 @@ evolution strategy. The trainer knows methods only through this interface::
     method.state_dict() / method.load_state_dict(state)
 
 ``loss_fn(model, x, y)`` returns one loss per row of the batch (shape (N,)),
-so forward-only methods can split a batch between population members.
+so forward-only methods can split a batch between population members. The trainer's
+``loss_fn`` also has ``sample_targets(model, x, generator) -> y`` (targets drawn from the
+model's own predictions, for SophiaG), None when the task cannot draw them.
 
 To add a method, decorate its builder and list its module in
 :data:`METHOD_MODULES` (imported lazily, so core modules never import the
