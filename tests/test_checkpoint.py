@@ -83,3 +83,38 @@ def test_not_ours(tmp_path):
     torch.save({"model": torch.zeros(2)}, path)
     with pytest.raises(UsageError, match="not a nograd checkpoint"):
         load_checkpoint(path)
+
+
+def test_writing_and_reading_stream_without_a_copy_of_the_state(tmp_path):
+    # v1 serialised the state into a bytes object first: 40 MB of Python allocations here.
+    import tracemalloc
+
+    state = {"w": torch.randn(10_000_000)}  # 40 MB
+    tracemalloc.start()
+    try:
+        save_checkpoint(tmp_path / "ck.pt", state)
+        saved_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        got = load_checkpoint(tmp_path / "ck.pt")
+        loaded_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(got["w"], state["w"])
+    assert saved_peak < 4e6 and loaded_peak < 12e6, (saved_peak, loaded_peak)
+
+
+def test_a_v1_checkpoint_still_loads(tmp_path):
+    import hashlib
+    import io
+
+    from nograd.workbench.checkpoint import FORMAT
+
+    buf = io.BytesIO()
+    torch.save({"step": 3, "w": torch.ones(2)}, buf)
+    payload = buf.getvalue()
+    torch.save(
+        {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload},
+        tmp_path / "v1.pt",
+    )
+    got = load_checkpoint(tmp_path / "v1.pt")
+    assert got["step"] == 3 and torch.equal(got["w"], torch.ones(2))

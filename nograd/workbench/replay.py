@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from nograd.core.errors import UsageError
-from nograd.workbench.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from nograd.workbench.checkpoint import FORMAT, is_checkpoint, load_checkpoint, save_checkpoint
 from nograd.zo.replay import read_trajectory, replay
 
 
@@ -22,6 +22,8 @@ def _load_any(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"checkpoint {str(p)!r} does not exist")
+    if is_checkpoint(p):
+        return load_checkpoint(p), True
     try:
         raw = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
