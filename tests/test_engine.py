@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -274,6 +275,48 @@ def test_inplace_matches_materialised_and_ties():
         out = model(x)
     ref = materialised(model, space, noise, 3, 1, 0.2)(x)
     assert torch.allclose(out, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_large_linear_and_embedding_weights_are_perturbed_in_their_outputs(monkeypatch, scaled):
+    # Weights over STREAMED_BYTES are never written: their layers add the perturbation's part to
+    # their outputs a few rows of noise at a time, with the same numbers as the materialised E.
+    import nograd.core.engine as engine
+    from nograd.zo.base import ScaledView
+
+    monkeypatch.setattr(engine, "STREAMED_BYTES", 0)
+    monkeypatch.setattr(engine, "ROW_BLOCK_NUMEL", 7 * 6)  # several row blocks, cut across noise chunks
+    torch.manual_seed(0)
+    emb = nn.Embedding(300, 6)
+    head = nn.Linear(6, 300, bias=False)
+    head.weight = emb.weight  # tied, as in a Llama or GPT
+    model = nn.Sequential(emb, nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), head)
+    space, noise = ParamSpace(model, rank=0), SeededNoise(4)
+    view = space
+    if scaled:  # per-tensor scales and a HiZOO Hessian, as the ZO methods see the space
+        view = ScaledView(space)
+        view.scales = [0.5, 2.0, 1.5]
+        view.hessian = [torch.rand_like(p) + 0.5 for p in space.tensors]
+    assert space.streamable(0) and space.streamable(1) and not space.streamable(2)
+    x = torch.randint(0, 300, (4, 5))
+    before = [p.detach().clone() for p in model.parameters()]
+    writes = {id(p): p._version for p in model.parameters()}
+    perturb = InPlacePerturbation(view, noise, module=model)
+    with perturb.apply(3, 1, 0.2):
+        out = model(x)
+        # the tied embedding and the other large matrix were not written; the bias was
+        assert model[0].weight._version == writes[id(model[0].weight)]
+        assert model[2].weight._version == writes[id(model[2].weight)]
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, q in zip(space.tensors, reference.parameters()):
+            i = space.index_of[id(p)]
+            e = space.dense(noise, i, 3, 1) * (view.scales[i] if scaled else 1.0)
+            if scaled:
+                e = e / view.hessian[i].sqrt()
+            q.add_(0.2 * e)
+    torch.testing.assert_close(out, reference(x), atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_inplace_discovery_and_raw_tensors():

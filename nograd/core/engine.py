@@ -33,6 +33,13 @@ from .noise import SeededNoise
 Direction = tuple[int, float]  # (noise direction index, scale such as +sigma or -sigma)
 
 
+STREAMED_BYTES = 1 << 24
+"""Dense matrices of at least this many bytes (16 MB), owned by an ``nn.Linear`` or
+``nn.Embedding``, are perturbed in the layer's output by :class:`InPlacePerturbation`, not in
+place, so no copy of them is kept for the restore (a 49,152 x 576 tied embedding is 113 MB)."""
+ROW_BLOCK_NUMEL = 1 << 20  # numbers of noise rows a streamed layer holds at once (4 MB)
+
+
 class ParamSpace:
     """The tensors a forward-only optimizer searches over.
 
@@ -139,6 +146,36 @@ class ParamSpace:
         return noise.members(
             p.shape, generation=generation, members=list(directions), index=i, device=p.device
         )
+
+    def streamable(self, i: int) -> bool:
+        """Whether a layer may add tensor ``i``'s perturbation to its output instead of its weight:
+        a dense matrix of at least :data:`STREAMED_BYTES` (copying it for the restore would cost
+        more memory than the layer's activations)."""
+        p = self.tensors[i]
+        return not self.lowrank[i] and p.dim() == 2 and p.numel() * p.element_size() >= STREAMED_BYTES
+
+    def direction_rows(
+        self, noise: SeededNoise, i: int, generation: int, direction: int, alpha: float
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(first row, alpha * E[rows])`` (float32) over a dense 2-D tensor's direction, a
+        few blocks of noise at a time: the same numbers as :meth:`dense`, never all at once."""
+        p = self.tensors[i]
+        rows, cols = p.shape
+        buf = torch.empty(max(1, ROW_BLOCK_NUMEL // cols) * cols, dtype=torch.float32, device=p.device)
+        filled = row = 0
+        for _, z in noise.full_chunks(
+            p.numel(), generation=generation, member=direction, index=i, device=p.device
+        ):
+            pos = 0
+            while pos < z.numel():
+                take = min(z.numel() - pos, buf.numel() - filled)
+                buf[filled : filled + take].copy_(z[pos : pos + take])
+                filled, pos = filled + take, pos + take
+                if filled == buf.numel():
+                    yield row, buf.view(-1, cols).mul_(alpha)
+                    row, filled = row + buf.numel() // cols, 0
+        if filled:
+            yield row, buf[:filled].view(-1, cols).mul_(alpha)
 
     def add_direction_(
         self, noise: SeededNoise, i: int, generation: int, direction: int, alpha: float, target: torch.Tensor
@@ -263,7 +300,10 @@ class InPlacePerturbation:
 
     While the context of :meth:`apply` is open, global module hooks perturb a module's own
     parameters when its forward starts (saving a copy of just those tensors) and copy them back
-    when it ends. Tied parameters are perturbed once by whichever owner runs first. Tensors that
+    when it ends. A large dense weight of an ``nn.Linear`` or ``nn.Embedding`` (at least
+    :data:`STREAMED_BYTES`) is not touched at all: the layer's output gets the perturbation's
+    contribution instead, from a few rows of noise at a time, so no copy of it is kept.
+    Tied parameters are perturbed once by whichever owner runs first. Tensors that
     no module forward touches (raw tensors passed to a function) are perturbed for the whole
     context instead, which costs a copy of those tensors. Ownership is found from ``module`` if
     given, else by a first, unperturbed forward of the closure (:meth:`discover`).
@@ -274,12 +314,14 @@ class InPlacePerturbation:
         self.noise = noise
         self.module = module if module is not None else space.module
         self.owners: dict[int, list[int]] | None = None
+        self.stream_of: dict[int, list[int]] = {}
         self.unowned: list[int] = []
         if self.module is not None:
             self._set_owners(_direct_owners(space, self.module))
 
     def _set_owners(self, owners: dict[int, list[int]]) -> None:
         self.owners = owners
+        self.stream_of: dict[int, list[int]] = {}  # module id -> tensors it perturbs in its output
         owned = {i for idx in owners.values() for i in idx}
         self.unowned = [i for i in range(len(self.space)) if i not in owned]
 
@@ -311,11 +353,22 @@ class InPlacePerturbation:
         self._set_owners(owners)
         return value
 
+    def _streamed(self, module: nn.Module, indices: list[int]) -> list[int]:
+        """The tensors among ``indices`` that ``module`` perturbs in its output (see STREAMED_BYTES)."""
+        streamable = getattr(self.space, "streamable", None)
+        if streamable is None or not isinstance(module, (nn.Linear, nn.Embedding)):
+            return []
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            return []
+        weight = self.space.index_of.get(id(module.weight))
+        return [i for i in indices if i == weight and streamable(i)]
+
     @contextmanager
     def apply(self, generation: int, direction: int, scale: float) -> Iterator[None]:
         if self.owners is None:
             raise RuntimeError("call discover(closure) first or construct with a module")
         space, saved, depth = self.space, {}, {}
+        owners, stream_of = self.owners, self.stream_of
 
         def perturb(indices: Iterable[int]) -> None:
             for i in indices:
@@ -331,17 +384,30 @@ class InPlacePerturbation:
                 if depth[i] == 0:
                     space.tensors[i].data.copy_(saved.pop(i))
 
-        owners = self.owners
+        def streamed(module: nn.Module, idx: list[int]) -> list[int]:
+            if id(module) not in stream_of:
+                stream_of[id(module)] = self._streamed(module, idx)
+            # a tensor already perturbed in place by an enclosing owner is not perturbed twice
+            return [i for i in stream_of[id(module)] if not depth.get(i)]
+
+        active: dict[int, list[int]] = {}  # module id -> (streamed tensors) while its forward runs
 
         def pre(module: nn.Module, args: tuple) -> None:
             idx = owners.get(id(module))
-            if idx is not None:
-                perturb(idx)
+            if idx is None:
+                return
+            active[id(module)] = streamed(module, idx)
+            perturb([i for i in idx if i not in active[id(module)]])
 
-        def post(module: nn.Module, args: tuple, output: object) -> None:
+        def post(module: nn.Module, args: tuple, output: object) -> object:
             idx = owners.get(id(module))
-            if idx is not None:
-                restore(idx)
+            if idx is None:
+                return None
+            stream = active.pop(id(module), [])
+            restore([i for i in idx if i not in stream])
+            if stream and isinstance(output, torch.Tensor) and args:
+                return self._add_streamed(module, args[0], output, stream[0], generation, direction, scale)
+            return None
 
         h1 = nn.modules.module.register_module_forward_pre_hook(pre)
         h2 = nn.modules.module.register_module_forward_hook(post, always_call=True)
@@ -356,6 +422,33 @@ class InPlacePerturbation:
                 restore(self.unowned)
                 for i in list(saved):  # a forward that raised mid-way
                     space.tensors[i].data.copy_(saved.pop(i))
+
+    def _add_streamed(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        i: int,
+        generation: int,
+        direction: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """The layer's output at ``W + scale E`` from its output at ``W``, E a few rows at a time:
+        ``out[..., rows] += scale x E[rows]^T`` (Linear), ``out[n] += scale E[ids[n]]`` (Embedding)."""
+        out = out if out.is_contiguous() else out.contiguous()
+        with torch.no_grad():
+            rows = self.space.direction_rows(self.noise, i, generation, direction, scale)
+            if isinstance(module, nn.Linear):
+                for r0, block in rows:
+                    out[..., r0 : r0 + block.shape[0]].add_(x @ block.T.to(x.dtype))
+                return out
+            ids = x.reshape(-1)
+            flat = out.view(-1, out.shape[-1])
+            for r0, block in rows:
+                hit = ((ids >= r0) & (ids < r0 + block.shape[0])).nonzero().squeeze(1)
+                if len(hit):
+                    flat.index_add_(0, hit, block.index_select(0, ids[hit] - r0).to(flat.dtype))
+        return out
 
 
 class BatchedPerturbation:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -145,6 +145,18 @@ class ScaledView:
 
     def __len__(self) -> int:
         return len(self.space)
+
+    def streamable(self, i: int) -> bool:
+        return self.space.streamable(i)
+
+    def direction_rows(
+        self, noise: SeededNoise, i: int, generation: int, direction: int, alpha: float
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The wrapped space's rows, scaled as :meth:`add_direction_` scales the whole tensor."""
+        for r0, block in self.space.direction_rows(noise, i, generation, direction, alpha * self.scales[i]):
+            if self.hessian is not None:
+                block.div_(self.hessian[i][r0 : r0 + block.shape[0]].sqrt())
+            yield r0, block
 
     def add_direction_(
         self, noise: SeededNoise, i: int, generation: int, direction: int, alpha: float, target: torch.Tensor
