@@ -287,6 +287,9 @@ def _compare_args(p: argparse.ArgumentParser, argv: list[str]) -> None:
     )
     p.add_argument("--out", metavar="DIR", help="results folder (default: the spec's out)")
     p.add_argument("--jobs", type=int, metavar="N", help="cells run at once (default: the spec's jobs)")
+    p.add_argument(
+        "--only", metavar="A,B,...", help="run only these methods of the spec (and their budget's)"
+    )
     flags = p.add_argument_group("or, without a spec file")
     flags.add_argument("--task", help="task name")
     flags.add_argument("--methods", metavar="A,B,...", help="optimizer names")
@@ -335,6 +338,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.jobs < 1:
             raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
         spec.jobs = args.jobs
+    if args.only:
+        spec.only([m for m in args.only.split(",") if m])
     written = compare(spec)
     for path in [written["csv"], written["table"], *written["plots"]]:
         print(f"wrote {path}")

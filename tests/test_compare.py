@@ -136,3 +136,17 @@ def test_reach_finds_the_first_evaluation_past_a_target():
     assert reach(rows, "loss", "min", 3.0) == {"steps": 10, "wall_s": 2.0, "tokens": 20.0}
     assert reach(rows, "loss", "min", 1.0) is None
     assert reach(rows, "loss", "max", 3.5) == {"steps": 0, "wall_s": 0.0, "tokens": 0.0}
+
+
+def test_zero_steps_evaluate_only_and_only_runs_some_methods(tmp_path):
+    raw = tiny_spec(tmp_path, seeds=[0], jobs=1)
+    raw["methods"]["zero-shot"] = {"optimizer": "mezo", "budget": {"steps": 0}}
+    spec = parse_spec(raw)
+    spec.only(["zero-shot", "mezo"])  # mezo's budget is adamw's: adamw stays
+    assert list(spec.methods) == ["adamw", "mezo", "zero-shot"]
+    with pytest.raises(UsageError, match="not a method of the spec"):
+        spec.only(["nope"])
+    spec.only(["zero-shot"])
+    rows = compare(spec, lambda line: None)["rows"]
+    assert [(r["method"], r["steps"], r["forward_tokens"]) for r in rows] == [("zero-shot", 0, 0.0)]
+    assert not (tmp_path / "cmp" / "tiny" / "adamw").exists()

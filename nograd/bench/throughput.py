@@ -8,9 +8,17 @@ For each model, the same member-major batch of ``population * batch`` rows goes 
 
 timed interleaved in one process. ``ratio`` = population member-tokens/s / inference tokens/s;
 ``update_ratio`` also counts rebuilding the ES estimate from the seeds (one full generation).
+
+With ``--compile`` the low-rank population also runs through ``torch.compile``
+(``BatchedPerturbation(compile=True)``) and is timed against plain inference compiled the same
+way: ``compiled_ratio`` = compiled inference time / compiled population time, and
+``compiled_vs_eager_ratio`` = eager inference time / compiled population time. The first
+compiled call of each is timed apart (``compile_s``) and left out of the medians.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import nn
@@ -29,7 +37,13 @@ def _mlp(width: int) -> nn.Module:
 
 
 def measure(
-    model: nn.Module, inputs: torch.Tensor, population: int, rank: int, sigma: float, repeats: int
+    model: nn.Module,
+    inputs: torch.Tensor,
+    population: int,
+    rank: int,
+    sigma: float,
+    repeats: int,
+    compile: bool = False,
 ) -> dict:
     rows = inputs.repeat(population, *([1] * (inputs.dim() - 1)))
     tokens = rows.numel() if rows.dtype == torch.long else rows.shape[0]
@@ -63,16 +77,33 @@ def measure(
         with batched_full.apply(gen[0], dirs):
             model(rows)
 
-    t = interleaved_medians(
-        {
-            "inference": inference,
-            "low": population_low,
-            "low_update": population_low_update,
-            "full": population_full,
-        },
-        repeats=repeats,
-    )
-    return {
+    timed = {
+        "inference": inference,
+        "low": population_low,
+        "low_update": population_low_update,
+        "full": population_full,
+    }
+    compiled: dict[str, float] = {}
+    if compile:
+        batched_compiled = BatchedPerturbation(model, low, noise, compile=True)
+        plain_compiled = torch.compile(model)
+
+        def inference_compiled() -> None:
+            with torch.no_grad():
+                plain_compiled(rows)
+
+        def population_compiled() -> None:
+            gen[0] += 1
+            with batched_compiled.apply(gen[0], dirs):
+                model(rows)
+
+        for name, fn in (("inference", inference_compiled), ("population", population_compiled)):
+            start = time.perf_counter()
+            fn()  # compiles
+            compiled[name] = time.perf_counter() - start
+        timed.update({"inference_compiled": inference_compiled, "low_compiled": population_compiled})
+    t = interleaved_medians(timed, repeats=repeats)
+    out = {
         "params": low.numel,
         "population": population,
         "rank": rank,
@@ -84,6 +115,17 @@ def measure(
         "naive_tokens_per_s": tokens / t["full"],
         "naive_ratio": t["inference"] / t["full"],
     }
+    if compile:
+        out.update(
+            {
+                "compiled_ratio": t["inference_compiled"] / t["low_compiled"],
+                "compiled_vs_eager_ratio": t["inference"] / t["low_compiled"],
+                "compiled_population_tokens_per_s": tokens / t["low_compiled"],
+                "compiled_inference_tokens_per_s": tokens / t["inference_compiled"],
+                "compile_s": compiled,
+            }
+        )
+    return out
 
 
 def run(argv: list[str]) -> dict:
@@ -96,6 +138,7 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--models", default="gpt,mlp", help="comma list of: gpt, mlp")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd population")
     p.add_argument("--json", action="store_true", help="(output is always JSON)")
     args = p.parse_args(argv)
     if args.population < 2 or args.population % 2:
@@ -112,7 +155,9 @@ def run(argv: list[str]) -> dict:
             inputs = torch.randn(args.batch * 16, 64, device=args.device)
         else:
             raise ValueError(f"unknown model {name!r} (choose gpt, mlp)")
-        results[name] = measure(model, inputs, args.population, args.rank, args.sigma, args.repeats)
+        results[name] = measure(
+            model, inputs, args.population, args.rank, args.sigma, args.repeats, compile=args.compile
+        )
     out = {
         "benchmark": "throughput",
         "device": args.device,

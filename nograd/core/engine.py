@@ -21,8 +21,11 @@ SGD step with no model-sized buffer (:func:`accumulate`).
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -451,6 +454,18 @@ class InPlacePerturbation:
         return out
 
 
+class _Live:
+    """What the layers of a :class:`BatchedPerturbation` read while its context is open."""
+
+    def __init__(self, generation: int, members: list[Direction]) -> None:
+        self.generation = generation
+        self.members = members
+        self.count = len(members)
+        self.cache: dict[tuple[str, int], Any] = {}
+        self.selected: int | None = None  # set while a fallback layer runs one member at a time
+        self.pair_scale = _mirrored_pair_scale(members)
+
+
 class BatchedPerturbation:
     """Evaluate many perturbed copies of ``module`` in one forward pass (EGGROLL).
 
@@ -460,9 +475,20 @@ class BatchedPerturbation:
     own trainable parameters is run once per member through ``torch.func.functional_call`` with
     its perturbed weights (correct, slower). With ``space.rank == 0`` matrices get dense
     per-member noise (the naive full-rank population, for comparison).
+
+    ``compile=True`` runs the module's forward through ``torch.compile`` (inductor: C++/OpenMP
+    kernels on CPU, Triton on GPU), so each layer's dense product, low-rank term, bias,
+    per-member norm affine and the activation after it fuse into fewer passes over the layer's
+    output. The noise of a generation is drawn before the forward, outside the compiled graph,
+    into tensors the graph takes as inputs, and the layers' forwards are the same function
+    objects every generation, so the graph is compiled once (the first generation pays for it:
+    :attr:`compile_seconds`) and not again unless the population size changes. If compilation
+    fails (no C++ compiler, an unsupported layer), one warning is printed and the eager path runs.
     """
 
-    def __init__(self, module: nn.Module, space: ParamSpace, noise: SeededNoise) -> None:
+    def __init__(
+        self, module: nn.Module, space: ParamSpace, noise: SeededNoise, compile: bool = False
+    ) -> None:
         if space.module is not None and space.module is not module:
             raise ValueError("the ParamSpace was built from another module")
         self.module = module
@@ -480,6 +506,11 @@ class BatchedPerturbation:
                 supported = False
             if not supported:
                 self.fallback.append(m)
+        self.compile = bool(compile)
+        self.compile_seconds: float | None = None  # the first compiled forward's time, once run
+        self._live: _Live | None = None
+        self._forwards: dict[int, Callable] = {}  # module id -> its population forward (compiled mode)
+        self._compiled: Callable | None = None
 
     # per-member noise -----------------------------------------------------------------------
     def _member_factors(self, i: int, generation: int, members: Sequence[Direction]):
@@ -501,6 +532,202 @@ class BatchedPerturbation:
         scale = torch.tensor([s for _, s in members], dtype=e.dtype, device=e.device)
         return e.mul_(scale.view(-1, *([1] * (e.dim() - 1))))
 
+    # what the layers read (computed on first use; all up front when compiled) -------------------
+    def _pick(self, stack: torch.Tensor) -> torch.Tensor:
+        m = self._live.selected
+        return stack if m is None else stack[m : m + 1]
+
+    def _factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        live = self._live
+        if ("f", i) not in live.cache:
+            live.cache[("f", i)] = self._member_factors(i, live.generation, live.members)
+        a, b = live.cache[("f", i)]
+        return self._pick(a), self._pick(b)
+
+    def _dense(self, i: int) -> torch.Tensor:
+        live = self._live
+        if ("d", i) not in live.cache:
+            live.cache[("d", i)] = self._member_dense(i, live.generation, live.members)
+        return self._pick(live.cache[("d", i)])
+
+    def _pair_dense(self, i: int) -> torch.Tensor:
+        """The unscaled direction of each mirrored pair: (P / 2, *shape)."""
+        live = self._live
+        if ("p", i) not in live.cache:
+            uniq = [d for d, _ in live.members[::2]]
+            live.cache[("p", i)] = self.space.member_dense(self.noise, i, live.generation, uniq)
+        return live.cache[("p", i)]
+
+    def _grouped(self, t: torch.Tensor) -> torch.Tensor:
+        k = self._live.count if self._live.selected is None else 1
+        if t.shape[0] % k:
+            raise ValueError(
+                f"batched population: the batch has {t.shape[0]} rows, not a multiple of {k} members"
+            )
+        return t.reshape(k, -1, *t.shape[1:])
+
+    def _prefill(self) -> None:
+        """Draw every tensor's noise for this generation before the (compiled) forward: what each
+        layer will read, and nothing more (a dense Linear weight of mirrored pairs: one per pair)."""
+        space, live = self.space, self._live
+        for m in self.module.modules():
+            for p in m._parameters.values():
+                i = space.index_of.get(id(p)) if p is not None else None
+                if i is None or id(m) not in self.owners:
+                    continue
+                if space.lowrank[i]:
+                    self._factors(i)
+                elif isinstance(m, nn.Linear) and p is m.weight and live.pair_scale is not None:
+                    self._pair_dense(i)
+                else:
+                    self._dense(i)
+
+    # the layers ----------------------------------------------------------------------------------
+    def _linear(self, mod: nn.Linear, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        space, idx_of = self.space, self.space.index_of
+        out = out if out.is_contiguous() else out.contiguous()
+        o = self._grouped(out).flatten(1, -2)  # a view: the in-place adds below update ``out``
+        x = self._grouped(x_in).flatten(1, -2)
+        wi = idx_of.get(id(mod.weight))
+        bi = idx_of.get(id(mod.bias)) if mod.bias is not None else None
+        db = self._dense(bi).unsqueeze(1).to(o.dtype) if bi is not None else None
+        if wi is not None and space.lowrank[wi]:
+            a, b = self._factors(wi)
+            # (xB)^T = B^T x^T: on CPU this batched matrix-vector form is about twice as fast,
+            # given B^T with standard strides (.contiguous() keeps odd ones when r == 1)
+            bt = b.transpose(1, 2).to(x.dtype).clone(memory_format=torch.contiguous_format)
+            bx = torch.bmm(bt, x.transpose(1, 2))  # (P, r, rows)
+            at = a.transpose(1, 2).to(x.dtype)
+            if db is not None:  # the bias rides along as one more rank: [xB, 1] [A^T; db]
+                bx = torch.cat([bx, bx.new_ones(bx.shape[0], 1, bx.shape[2])], dim=1)
+                at, db = torch.cat([at, db], dim=1), None
+            o.baddbmm_(bx.transpose(1, 2), at)
+        elif wi is not None and self._live.pair_scale is not None and self._live.selected is None:
+            # mirrored pairs share a direction: members 2k and 2k+1 add +-s x E_k^T, so each
+            # direction is drawn and read once, not copied per member
+            et = self._pair_dense(wi).transpose(1, 2).to(x.dtype)
+            sign = x.new_tensor([1.0, -1.0]).view(1, 2, 1, 1)
+            xs = (x.unflatten(0, (-1, 2)) * sign).flatten(1, 2)  # (P / 2, 2 rows, in)
+            o.view(xs.shape[0], -1, o.shape[-1]).baddbmm_(xs, et, alpha=self._live.pair_scale)
+        elif wi is not None:
+            o.baddbmm_(x, self._dense(wi).transpose(1, 2).to(x.dtype))
+        if db is not None:
+            o.add_(db)
+        return out
+
+    def _linear_traced(self, mod: nn.Linear, x_in: torch.Tensor) -> torch.Tensor:
+        """:meth:`_linear` without in-place updates, for the compiler: ``x W^T + b`` plus each
+        member's ``(x B_i) A_i^T`` (and bias noise) as plain expressions it can fuse with what follows."""
+        space, live, idx_of = self.space, self._live, self.space.index_of
+        out = F.linear(x_in, mod.weight, mod.bias)
+        x = self._grouped(x_in).flatten(1, -2)
+        shape = (x.shape[0], x.shape[1], out.shape[-1])
+        wi = idx_of.get(id(mod.weight))
+        bi = idx_of.get(id(mod.bias)) if mod.bias is not None else None
+        extra = None
+        if wi is not None and space.lowrank[wi]:
+            a, b = self._factors(wi)
+            xb = torch.bmm(x, b.to(x.dtype))  # (P, rows, r)
+            # a sum of r broadcast products, not a bmm: a pointwise expression, which the
+            # compiler fuses with the add to x W^T and with the activation that follows
+            at = a.transpose(1, 2).to(x.dtype)  # (P, r, out)
+            extra = sum(xb[..., k : k + 1] * at[:, k : k + 1] for k in range(xb.shape[-1]))
+        elif wi is not None and live.pair_scale is not None:
+            et = self._pair_dense(wi).transpose(1, 2).to(x.dtype)
+            sign = x.new_tensor([1.0, -1.0]).view(1, 2, 1, 1)
+            xs = (x.unflatten(0, (-1, 2)) * sign).flatten(1, 2)
+            extra = (torch.bmm(xs, et) * live.pair_scale).view(shape)
+        elif wi is not None:
+            extra = torch.bmm(x, self._dense(wi).transpose(1, 2).to(x.dtype))
+        if bi is not None:
+            db = self._dense(bi).unsqueeze(1).to(x.dtype)
+            extra = db if extra is None else extra + db
+        if extra is None:
+            return out
+        return (out.reshape(shape) + extra).reshape(out.shape)
+
+    def _embedding(self, mod: nn.Embedding, ids_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        wi = self.space.index_of.get(id(mod.weight))
+        ids = self._grouped(ids_in).flatten(1)
+        out = out if out.is_contiguous() else out.contiguous()
+        o = self._grouped(out).flatten(1, -2)
+        if self.space.lowrank[wi]:
+            a, b = self._factors(wi)
+            rows = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
+            o.baddbmm_(rows.to(o.dtype), b.transpose(1, 2).to(o.dtype))
+        else:
+            d = self._dense(wi)
+            o.add_(torch.gather(d, 1, ids.unsqueeze(-1).expand(-1, -1, d.shape[-1])).to(o.dtype))
+        return out
+
+    def _norm(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Normalise once, then apply each member's perturbed affine in one fused pass."""
+        shape = tuple(mod.normalized_shape)
+        idx_of = self.space.index_of
+        weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
+        wi = idx_of.get(id(weight)) if weight is not None else None
+        bi = idx_of.get(id(bias)) if bias is not None else None
+        if isinstance(mod, nn.LayerNorm):
+            g = self._grouped(F.layer_norm(x, shape, None, None, mod.eps))
+        else:
+            g = self._grouped(F.rms_norm(x, shape, None, mod.eps))
+        member_shape = (g.shape[0], *([1] * (g.dim() - 1 - len(shape))), *shape)
+
+        def affine(base: torch.Tensor | None, i: int | None) -> torch.Tensor | None:
+            if base is None or i is None:
+                return None if base is None else base.to(g.dtype)
+            return base.to(g.dtype) + self._dense(i).to(g.dtype).view(member_shape)
+
+        w, b = affine(weight, wi), affine(bias, bi)
+        if w is None:
+            out = g if b is None else g + b
+        else:
+            out = g * w if b is None else torch.addcmul(b, g, w)
+        return out.reshape(x.shape)
+
+    def _per_member(self, mod: nn.Module, forward: Callable) -> Callable:
+        """An unsupported layer runs once per member with its own parameters perturbed."""
+        idx_of = self.space.index_of
+        own = [(name, p) for name, p in mod._parameters.items() if p is not None and id(p) in idx_of]
+
+        def wrapper(x: torch.Tensor, *args, **kwargs):
+            live = self._live
+            if live.selected is not None:  # already inside another layer's per-member loop
+                params = {name: p + self._dense(idx_of[id(p)])[0].to(p.dtype) for name, p in own}
+                return call(params, x, args, kwargs)
+            outs = []
+            for m, chunk in enumerate(self._grouped(x)):
+                live.selected = m
+                try:
+                    params = {name: p + self._dense(idx_of[id(p)])[0].to(p.dtype) for name, p in own}
+                    outs.append(call(params, chunk, args, kwargs))
+                finally:
+                    live.selected = None
+            return torch.cat(outs)
+
+        def call(params: dict, x: torch.Tensor, args: tuple, kwargs: dict):
+            # functional_call goes through mod.forward: point it at the original meanwhile
+            mod.forward = forward
+            try:
+                return torch.func.functional_call(mod, params, (x, *args), kwargs, strict=False)
+            finally:
+                mod.forward = wrapper
+
+        return wrapper
+
+    def _population_forward(self, m: nn.Module) -> Callable:
+        """``m``'s forward as a population layer, one function object per module (compiled mode)."""
+        if id(m) not in self._forwards:
+            if isinstance(m, nn.Linear):
+                fwd = lambda x: self._linear_traced(m, x)  # noqa: E731
+            elif isinstance(m, nn.Embedding):
+                fwd = lambda ids: self._embedding(m, ids, m.__class__.forward(m, ids))  # noqa: E731
+            else:
+                fwd = lambda x: self._norm(m, x)  # noqa: E731
+            self._forwards[id(m)] = fwd
+        return self._forwards[id(m)]
+
+    # the context ---------------------------------------------------------------------------------
     @contextmanager
     def apply(self, generation: int, members: Sequence[Direction]) -> Iterator[None]:
         """Open a context in which ``module(x)`` with ``len(members)`` member-major groups of rows
@@ -508,143 +735,10 @@ class BatchedPerturbation:
         members = list(members)
         if not members:
             raise ValueError("no members to evaluate")
-        space, idx_of, cache = self.space, self.space.index_of, {}
-        selected: list[int | None] = [None]  # set while a fallback layer runs one member at a time
-
-        def pick(stack: torch.Tensor) -> torch.Tensor:
-            m = selected[0]
-            return stack if m is None else stack[m : m + 1]
-
-        def factors(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if ("f", i) not in cache:
-                cache[("f", i)] = self._member_factors(i, generation, members)
-            a, b = cache[("f", i)]
-            return pick(a), pick(b)
-
-        def dense(i: int) -> torch.Tensor:
-            if ("d", i) not in cache:
-                cache[("d", i)] = self._member_dense(i, generation, members)
-            return pick(cache[("d", i)])
-
-        pair_scale = _mirrored_pair_scale(members)
-
-        def pair_dense(i: int) -> torch.Tensor:
-            """The unscaled direction of each mirrored pair: (P / 2, *shape)."""
-            if ("p", i) not in cache:
-                uniq = [d for d, _ in members[::2]]
-                cache[("p", i)] = space.member_dense(self.noise, i, generation, uniq)
-            return cache[("p", i)]
-
-        def grouped(t: torch.Tensor) -> torch.Tensor:
-            k = len(members) if selected[0] is None else 1
-            if t.shape[0] % k:
-                raise ValueError(
-                    f"batched population: the batch has {t.shape[0]} rows, not a multiple of {k} members"
-                )
-            return t.reshape(k, -1, *t.shape[1:])
-
-        def linear_hook(mod: nn.Linear, args: tuple, out: torch.Tensor) -> torch.Tensor:
-            out = out if out.is_contiguous() else out.contiguous()
-            o = grouped(out).flatten(1, -2)  # a view: the in-place adds below update ``out``
-            x = grouped(args[0]).flatten(1, -2)
-            wi = idx_of.get(id(mod.weight))
-            bi = idx_of.get(id(mod.bias)) if mod.bias is not None else None
-            db = dense(bi).unsqueeze(1).to(o.dtype) if bi is not None else None
-            if wi is not None and space.lowrank[wi]:
-                a, b = factors(wi)
-                # (xB)^T = B^T x^T: on CPU this batched matrix-vector form is about twice as fast,
-                # given B^T with standard strides (.contiguous() keeps odd ones when r == 1)
-                bt = b.transpose(1, 2).to(x.dtype).clone(memory_format=torch.contiguous_format)
-                bx = torch.bmm(bt, x.transpose(1, 2))  # (P, r, rows)
-                at = a.transpose(1, 2).to(x.dtype)
-                if db is not None:  # the bias rides along as one more rank: [xB, 1] [A^T; db]
-                    bx = torch.cat([bx, bx.new_ones(bx.shape[0], 1, bx.shape[2])], dim=1)
-                    at, db = torch.cat([at, db], dim=1), None
-                o.baddbmm_(bx.transpose(1, 2), at)
-            elif wi is not None and pair_scale is not None and selected[0] is None:
-                # mirrored pairs share a direction: members 2k and 2k+1 add +-s x E_k^T, so each
-                # direction is drawn and read once, not copied per member
-                et = pair_dense(wi).transpose(1, 2).to(x.dtype)
-                sign = x.new_tensor([1.0, -1.0]).view(1, 2, 1, 1)
-                xs = (x.unflatten(0, (-1, 2)) * sign).flatten(1, 2)  # (P / 2, 2 rows, in)
-                o.view(xs.shape[0], -1, o.shape[-1]).baddbmm_(xs, et, alpha=pair_scale)
-            elif wi is not None:
-                o.baddbmm_(x, dense(wi).transpose(1, 2).to(x.dtype))
-            if db is not None:
-                o.add_(db)
-            return out
-
-        def embedding_hook(mod: nn.Embedding, args: tuple, out: torch.Tensor) -> torch.Tensor:
-            wi = idx_of.get(id(mod.weight))
-            ids = grouped(args[0]).flatten(1)
-            out = out if out.is_contiguous() else out.contiguous()
-            o = grouped(out).flatten(1, -2)
-            if space.lowrank[wi]:
-                a, b = factors(wi)
-                rows = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
-                o.baddbmm_(rows.to(o.dtype), b.transpose(1, 2).to(o.dtype))
-            else:
-                d = dense(wi)
-                o.add_(torch.gather(d, 1, ids.unsqueeze(-1).expand(-1, -1, d.shape[-1])).to(o.dtype))
-            return out
-
-        def norm_forward(mod: nn.Module) -> Callable:
-            """Normalise once, then apply each member's perturbed affine in one fused pass."""
-            shape = tuple(mod.normalized_shape)
-            layer_norm = isinstance(mod, nn.LayerNorm)
-            weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
-            wi = idx_of.get(id(weight)) if weight is not None else None
-            bi = idx_of.get(id(bias)) if bias is not None else None
-
-            def forward(x: torch.Tensor) -> torch.Tensor:
-                if layer_norm:
-                    g = grouped(F.layer_norm(x, shape, None, None, mod.eps))
-                else:
-                    g = grouped(F.rms_norm(x, shape, None, mod.eps))
-                member_shape = (g.shape[0], *([1] * (g.dim() - 1 - len(shape))), *shape)
-
-                def affine(base: torch.Tensor | None, i: int | None) -> torch.Tensor | None:
-                    if base is None or i is None:
-                        return None if base is None else base.to(g.dtype)
-                    return base.to(g.dtype) + dense(i).to(g.dtype).view(member_shape)
-
-                w, b = affine(weight, wi), affine(bias, bi)
-                if w is None:
-                    out = g if b is None else g + b
-                else:
-                    out = g * w if b is None else torch.addcmul(b, g, w)
-                return out.reshape(x.shape)
-
-            return forward
-
-        def per_member(mod: nn.Module, forward: Callable) -> Callable:
-            """An unsupported layer runs once per member with its own parameters perturbed."""
-            own = [(name, p) for name, p in mod._parameters.items() if p is not None and id(p) in idx_of]
-
-            def wrapper(x: torch.Tensor, *args, **kwargs):
-                if selected[0] is not None:  # already inside another layer's per-member loop
-                    params = {name: p + dense(idx_of[id(p)])[0].to(p.dtype) for name, p in own}
-                    return call(params, x, args, kwargs)
-                outs = []
-                for m, chunk in enumerate(grouped(x)):
-                    selected[0] = m
-                    try:
-                        params = {name: p + dense(idx_of[id(p)])[0].to(p.dtype) for name, p in own}
-                        outs.append(call(params, chunk, args, kwargs))
-                    finally:
-                        selected[0] = None
-                return torch.cat(outs)
-
-            def call(params: dict, x: torch.Tensor, args: tuple, kwargs: dict):
-                # functional_call goes through mod.forward: point it at the original meanwhile
-                mod.forward = forward
-                try:
-                    return torch.func.functional_call(mod, params, (x, *args), kwargs, strict=False)
-                finally:
-                    mod.forward = wrapper
-
-            return wrapper
-
+        if self._live is not None:
+            raise RuntimeError("this BatchedPerturbation's context is already open")
+        self._live = _Live(generation, members)
+        compiled = self.compile and not self.fallback
         handles, patched = [], []
         fallback_ids = {id(m) for m in self.fallback}
         for m in self.module.modules():
@@ -652,22 +746,64 @@ class BatchedPerturbation:
                 continue
             if id(m) in fallback_ids:
                 patched.append((m, m.forward))
-                m.forward = per_member(m, m.forward)
+                m.forward = self._per_member(m, m.forward)
+            elif compiled:
+                patched.append((m, m.forward))
+                m.forward = self._population_forward(m)
             elif isinstance(m, nn.Linear):
-                handles.append(m.register_forward_hook(linear_hook))
+                handles.append(
+                    m.register_forward_hook(lambda mod, args, out: self._linear(mod, args[0], out))
+                )
             elif isinstance(m, nn.Embedding):
-                handles.append(m.register_forward_hook(embedding_hook))
+                handles.append(
+                    m.register_forward_hook(lambda mod, args, out: self._embedding(mod, args[0], out))
+                )
             else:
                 patched.append((m, m.forward))
-                m.forward = norm_forward(m)
+                m.forward = lambda x, m=m: self._norm(m, x)
         try:
             with torch.no_grad():
+                if compiled:
+                    self._prefill()
+                    patched.append((self.module, self.module.forward))
+                    self.module.forward = self._compiled_forward(self.module.forward)
                 yield
         finally:
+            self._live = None
             for h in handles:
                 h.remove()
-            for m, fwd in patched:
-                m.forward = fwd
+            for m, fwd in reversed(patched):
+                if m.__dict__.get("forward") is not fwd:
+                    m.forward = fwd
+                if fwd == type(m).forward.__get__(m):  # it was the class's: drop the shadow
+                    m.__dict__.pop("forward", None)
+
+    def _compiled_forward(self, original: Callable) -> Callable:
+        """The module's forward through torch.compile, built once; eager (one warning) if that fails."""
+        if self._compiled is None:
+            compiled = torch.compile(original)
+            first = [True]
+
+            def forward(*args, **kwargs):
+                if not self.compile:  # compilation failed before: eager, with the layers still patched
+                    return original(*args, **kwargs)
+                start = time.perf_counter()
+                try:
+                    out = compiled(*args, **kwargs)
+                except Exception as e:  # a missing compiler or an unsupported layer: eager from now on
+                    self.compile = False
+                    message = " ".join(str(e).split())[:160]
+                    warnings.warn(
+                        f"torch.compile failed ({type(e).__name__}: {message}); using eager", stacklevel=2
+                    )
+                    return original(*args, **kwargs)
+                if first[0]:
+                    first[0] = False
+                    self.compile_seconds = time.perf_counter() - start
+                return out
+
+            self._compiled = forward
+        return self._compiled
 
 
 def member_directions(members: Iterable[int], sigma: float, antithetic: bool = True) -> list[Direction]:

@@ -101,6 +101,7 @@ class EGGROLL(ModuleES):
         antithetic: bool = True,
         noise: str = "gaussian",
         process_group: Any = None,
+        compile: bool = False,
     ) -> None:
         if int(rank) != rank or rank < 1:
             raise ValueError(f"EGGROLL needs rank >= 1 (rank 0 is OpenAI-ES), got {rank}")
@@ -130,6 +131,7 @@ class EGGROLL(ModuleES):
             chunk_size=chunk_size,
             noise=noise,
             process_group=process_group,
+            compile=compile,
         )
 
     def utilities(self, losses: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -96,6 +96,8 @@ class ModuleES:
         process_group: a ``torch.distributed`` process group to share the population with:
             each rank evaluates its block of members (whole antithetic pairs), one all-gather
             of the losses, the same update on every rank (:mod:`nograd.core.distributed`).
+        compile: run the batched population forward through ``torch.compile`` (compiled once,
+            on the first generation; eager with one warning if compilation fails).
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class ModuleES:
         chunk_size: int | None = None,
         noise: str = "gaussian",
         process_group: Any = None,
+        compile: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -171,6 +174,7 @@ class ModuleES:
                     f"the optimizer does not hold trainable parameter(s) {missing[:3]}; build it over "
                     "model.parameters() or set requires_grad=False on tensors to keep fixed"
                 )
+        self.compile = bool(compile)
         self._batched: BatchedPerturbation | None = None
         self._inplace: InPlacePerturbation | None = None
         self.generation = 0
@@ -186,7 +190,7 @@ class ModuleES:
     @property
     def batched(self) -> BatchedPerturbation:
         if self._batched is None:
-            self._batched = BatchedPerturbation(self.model, self.space, self.noise)
+            self._batched = BatchedPerturbation(self.model, self.space, self.noise, compile=self.compile)
         return self._batched
 
     @property

@@ -115,6 +115,7 @@ class NRES:
         stagger_unroll: bool = True,
         noise: str = "gaussian",
         process_group: Any = None,
+        compile: bool = False,
     ) -> None:
         if not (sigma > 0):
             raise ValueError(f"sigma must be > 0, got {sigma}")
@@ -155,6 +156,7 @@ class NRES:
         self.rank = int(rank)
         self.seed = int(seed)
         self.mode = mode
+        self.compile = bool(compile)
         self.stagger = bool(stagger)
         self.stagger_unroll = bool(stagger_unroll)
         self.noise_kind = noise
@@ -226,7 +228,7 @@ class NRES:
         mine = _map(lambda t: t[members.start * b : members.stop * b], state)
         if self.mode == "batched":
             if self._batched is None:
-                self._batched = BatchedPerturbation(self.model, self.space, self.noise)
+                self._batched = BatchedPerturbation(self.model, self.space, self.noise, compile=self.compile)
             with self._batched.apply(_GENERATION, dirs):
                 new, per_row = unroll(self.model, mine, self.window)
             per_row = torch.as_tensor(per_row).detach().float()

@@ -67,6 +67,7 @@ class OpenAIES(ModuleES):
         antithetic: bool = True,
         noise: str = "gaussian",
         process_group: Any = None,
+        compile: bool = False,
     ) -> None:
         super().__init__(
             model,
@@ -83,4 +84,5 @@ class OpenAIES(ModuleES):
             chunk_size=chunk_size,
             noise=noise,
             process_group=process_group,
+            compile=compile,
         )

@@ -85,12 +85,9 @@ class Budget:
         if len(raw) != 1 or next(iter(raw)) not in BUDGET_KINDS:
             raise UsageError(f"{where}: budget takes one of {', '.join(BUDGET_KINDS)} (or like = METHOD)")
         kind, value = next(iter(raw.items()))
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not value > 0
-            or value == math.inf
-        ):
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        # 0 steps: evaluate only (zero-shot); minutes and tokens must be positive
+        if not number or value < 0 or (value == 0 and kind != "steps"):
             raise UsageError(f"{where}: budget {kind} must be a positive number, got {value!r}")
         if kind == "steps" and value != int(value):
             raise UsageError(f"{where}: budget steps must be a whole number, got {value!r}")
@@ -117,6 +114,15 @@ class Spec:
     threads: int = 1
     targets: list[float] = field(default_factory=list)
     task_targets: dict[str, list[float]] = field(default_factory=dict)
+
+    def only(self, names: list[str]) -> None:
+        """Keep the methods ``names`` (and the methods their budgets refer to)."""
+        unknown = sorted(set(names) - set(self.methods))
+        if unknown:
+            raise UsageError(f"--only {unknown[0]!r}: not a method of the spec ({', '.join(self.methods)})")
+        keep = set(names) | {self.budgets[n].like for n in names if self.budgets[n].kind == "like"}
+        self.methods = {k: v for k, v in self.methods.items() if k in keep}
+        self.budgets = {k: v for k, v in self.budgets.items() if k in keep}
 
     def cells(self) -> list[Cell]:
         return [
@@ -514,20 +520,27 @@ def plot(spec: Spec, results: Mapping[str, dict]) -> list[Path]:
             ("wall", "wall_s", "training wall time (s)"),
         ):
             fig, ax = plt.subplots(figsize=(8, 5))
+            logged = False
             for i, method in enumerate(spec.methods):
                 for j, cell in enumerate(c for c in cells if c.method == method):
-                    rows = [r for r in _rows(cell.folder) if r.get(metric["name"]) is not None and r[key] > 0]
-                    ax.plot(
-                        [r[key] for r in rows],
-                        [r[metric["name"]] for r in rows],
-                        color=colors(i % 10),
-                        label=method if j == 0 else None,
-                        alpha=0.9 if j == 0 else 0.5,
-                    )
+                    rows = [r for r in _rows(cell.folder) if r.get(metric["name"]) is not None]
+                    style = {
+                        "color": colors(i % 10),
+                        "alpha": 0.9 if j == 0 else 0.5,
+                        "label": method if j == 0 else None,
+                    }
+                    if all(r["step"] == 0 for r in rows):  # evaluated only (zero-shot): a level
+                        if rows:
+                            ax.axhline(rows[-1][metric["name"]], linestyle="--", **style)
+                        continue
+                    rows = [r for r in rows if r[key] > 0]  # the log axis has no 0
+                    logged = True
+                    ax.plot([r[key] for r in rows], [r[metric["name"]] for r in rows], **style)
             for name, level in metric.get("references", {}).items():
                 ax.axhline(level, color="grey", linestyle=":", linewidth=0.8)
                 ax.annotate(name, (1, level), xycoords=("axes fraction", "data"), fontsize=7, color="grey")
-            ax.set_xscale("log")
+            if logged:
+                ax.set_xscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel(metric.get("label") or metric["name"])
             ax.set_title(f"{task}: {metric['name']} ({len(spec.seeds)} seed(s) per method)")

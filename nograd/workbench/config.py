@@ -26,7 +26,7 @@ from typing import Any
 from nograd.core.errors import UsageError
 from nograd.core.options import check_device, check_options, flag_name, option
 from nograd.tasks import get_task
-from nograd.workbench.registry import OUTER_OPTIMIZERS, get_method
+from nograd.workbench.registry import COMPILED_METHODS, OUTER_OPTIMIZERS, get_method
 
 CONFIG_VERSION = 2
 """2: the task's options under ``task_config``; 1 (before): one flat dict with the GPT's flags."""
@@ -85,6 +85,11 @@ class TrainConfig:
     outer: str | None = option(
         None, "update rule applied to an ES gradient estimate", choices=OUTER_OPTIMIZERS
     )
+    compile: bool = option(
+        False,
+        "run the population forward through torch.compile (eggroll, openai-es, nres; compiled once)",
+        resume="new",
+    )
     opts: dict[str, str] = option({}, "method-specific options (--opt KEY=VALUE)", cli=False)
     quiet: bool = option(False, "no progress bar or evaluation lines", resume="new")
     # several processes (torchrun); ignored in one process
@@ -105,6 +110,11 @@ class TrainConfig:
         get_method(self.optimizer)
         check_options(self)
         check_device(self.device)
+        if self.compile and self.optimizer not in COMPILED_METHODS:
+            raise UsageError(
+                f"--compile applies to the batched population methods ({', '.join(COMPILED_METHODS)}), "
+                f"not to {self.optimizer}"
+            )
         for key, value in self.opts.items():
             if not key or not isinstance(value, str):
                 raise UsageError(f"bad --opt key {key!r}")

@@ -141,6 +141,7 @@ class Run:
     last_eval: int = 0
     collective: Collective = field(default_factory=Collective)
     joined: bool = False  # this run initialised torch.distributed (and ends it)
+    compile_s: float | None = None  # the first compiled population forward (--compile), once run
 
     @property
     def budget_s(self) -> float:
@@ -251,6 +252,11 @@ class Run:
             if cfg.budget_minutes is not None:  # every rank stops at the same step
                 self.wall = self.collective.max(self.wall)
         self.step_count += 1
+        if cfg.compile and self.compile_s is None:
+            self.compile_s = getattr(self.method, "compile_seconds", None)
+            if self.compile_s is not None:
+                progress.clear()
+                self.log(f"compiled the population forward: the first generation took {self.compile_s:.1f}s")
         if self.collective.active and cfg.dist_check_every and self.step_count % cfg.dist_check_every == 0:
             self.collective.check_same([p.detach() for p in self.model.parameters()])
         self.forward_tokens += result.forward_tokens
@@ -377,6 +383,7 @@ class Run:
             "metric": self.task.metrics[0].name,
             "wall_s": self.wall,
             "forward_tokens": self.forward_tokens,
+            "compile_s": self.compile_s,
             "sample": "",
         }
         for metric in self.task.metrics:

@@ -181,6 +181,12 @@ class ModuleESMethod:
         info.pop("loss_mean", None)
         return StepResult(loss=float(finite.mean()), forward_tokens=float(population * x.numel()), info=info)
 
+    @property
+    def compile_seconds(self) -> float | None:
+        """The first compiled population forward's time (``--compile``), once it has run."""
+        batched = getattr(self.es, "_batched", None)
+        return getattr(batched, "compile_seconds", None)
+
     def state_dict(self) -> dict:
         return {"es": self.es.state_dict()}
 
@@ -230,6 +236,7 @@ def _build_module_es(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, method
         "mode": o["mode"],
         "noise": o["noise"],
         "process_group": default_group(),
+        "compile": cfg.compile,
     }
     try:
         if method == "nres":

@@ -77,6 +77,9 @@ BuildFn = Callable[[nn.Module, LossFn, Any], Method]
 (typed ``Any`` here because the config module imports this one)."""
 
 OUTER_OPTIMIZERS = ("adamw", "adam", "sgd", "muon")
+
+COMPILED_METHODS = ("eggroll", "openai-es", "nres")
+"""Methods whose batched population forward ``--compile`` runs through ``torch.compile``."""
 """Update rules an ES method can apply to its gradient estimate (``--outer``)."""
 
 
