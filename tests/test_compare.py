@@ -150,3 +150,18 @@ def test_zero_steps_evaluate_only_and_only_runs_some_methods(tmp_path):
     rows = compare(spec, lambda line: None)["rows"]
     assert [(r["method"], r["steps"], r["forward_tokens"]) for r in rows] == [("zero-shot", 0, 0.0)]
     assert not (tmp_path / "cmp" / "tiny" / "adamw").exists()
+
+
+def test_a_method_may_set_its_own_model_and_threads(tmp_path):
+    raw = tiny_spec(tmp_path, threads=1)
+    raw["methods"]["wide"] = {"optimizer": "adamw", "dropout": 0.1, "threads": 2}
+    spec = parse_spec(raw)
+    wide = next(c for c in spec.cells() if c.method == "wide")
+    command = wide.command({})
+    assert command[command.index("--dropout") + 1] == "0.1" and command.count("--threads") == 1
+    assert command[command.index("--threads") + 1] == "2"
+    wide.check()
+    raw["methods"]["wide"]["n_layer"] = 2  # the task sets n_layer too
+    clash = next(c for c in parse_spec(raw).cells() if c.method == "wide")
+    with pytest.raises(UsageError, match="'n_layer' is set by both"):
+        clash.values()

@@ -22,6 +22,9 @@ train`` run in its own process and folder. A TOML spec::
     optimizer = "mezo"
     budget = { like = "adamw", by = "tokens" }   # what adamw's cell of the same task and seed spent
 
+Every method runs on every task; a method's table may also set task flags (a model size of its
+own) and ``threads``, as long as the task's table does not set the same flag.
+
 A budget is ``steps = N``, ``minutes = X`` (training wall time), ``tokens = X``
 (forward-token-equivalents: a token through a forward is 1, a backward 2), or ``like = METHOD``
 with ``by = "tokens"`` or ``"wall"``: the forward-token-equivalents or the training seconds of
@@ -272,7 +275,8 @@ class Cell:
         both = sorted(set(task) & set(method) - {"opt"})
         if both:
             raise UsageError(f"{both[0]!r} is set by both [tasks.{self.task}] and [methods.{self.method}]")
-        return {**task, **method, "seed": self.seed, "threads": self.spec.threads}
+        threads = method.get("threads", task.get("threads", self.spec.threads))
+        return {**task, **method, "seed": self.seed, "threads": threads}
 
     def budget_flags(self, results: Mapping[str, dict]) -> list[str]:
         budget = self.budget
@@ -372,7 +376,9 @@ def run_all(spec: Spec, report: Callable[[str], None] = print) -> dict[str, dict
         cell.check()
     results: dict[str, dict] = {}
     lock = threading.Lock()
-    slots = _cpu_slots(spec.jobs, spec.threads)
+    # pinned to cores only when every cell takes the spec's thread count (a method may set its own)
+    uniform = all(c.values()["threads"] == spec.threads for c in cells)
+    slots = _cpu_slots(spec.jobs, spec.threads) if uniform else [None] * spec.jobs
     free = list(range(spec.jobs))
     total = len(cells)
 
