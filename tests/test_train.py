@@ -231,3 +231,9 @@ def test_a_diverging_run_stops_and_keeps_no_sample(tmp_path):
     summary = train(tiny_config(tmp_path, lr=1e21, warmup=0, steps=6, eval_every=1))
     assert summary["stopped"] == "diverged" and summary["sample"] == ""
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_skip_start_eval_leaves_out_the_step_0_row(tmp_path):
+    summary = train(tiny_config(tmp_path, steps=3, eval_every=3, skip_start_eval=True))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [3] and summary["steps"] == 3

@@ -52,6 +52,9 @@ class TrainConfig:
         metavar="FTE",
     )
     eval_every: int = option(250, "steps between evaluations and checkpoints", min=1, resume="new")
+    skip_start_eval: bool = option(
+        False, "no evaluation before the first step (when it is known, e.g. a zero-shot run's)", resume="new"
+    )
     seed: int = option(0, "random seed", min=0)
     out: str | None = option(
         None, "output folder (default: runs/<task>-<optimizer>)", resume="new-or-saved", metavar="DIR"

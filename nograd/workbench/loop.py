@@ -337,7 +337,7 @@ class Run:
         rate = "member-tok/s" if self.info.population else "tok/s"
         progress = Progress(cfg.steps, enabled=not cfg.quiet, rate_label=rate)
         stopped = "steps"
-        if self.step_count == 0 and not self.rows:
+        if self.step_count == 0 and not self.rows and not cfg.skip_start_eval:
             self.evaluate(save=False)  # the starting point of the curves
         try:
             while self.step_count < cfg.steps:
