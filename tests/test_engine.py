@@ -71,7 +71,7 @@ def materialised(
 
 
 # ---------------------------------------------------------------- noise
-@pytest.mark.parametrize("distribution", ["gaussian", "gaussian-table"])
+@pytest.mark.parametrize("distribution", ["gaussian", "gaussian-table", "gaussian-counter"])
 def test_noise_independent_of_chunking_and_order(distribution: str):
     noise = SeededNoise(seed=5, distribution=distribution)
     n = 3 * BLOCK + 123
@@ -134,6 +134,46 @@ def test_noise_distributions():
     assert a.shape == (7, 3) and b.shape == (5, 3)
     with pytest.raises(ValueError, match="distribution"):
         SeededNoise(0, "uniform")
+
+
+def test_counter_noise_is_gaussian_and_its_kernel_is_the_written_formula():
+    import math
+
+    from nograd.core import noise as noise_module
+
+    z = SeededNoise(0, "gaussian-counter").full((1_000_003,), generation=1, member=2, index=3)
+    x = z.double()
+    assert abs(x.mean()) < 0.005 and abs(x.std() - 1) < 0.005
+    assert abs((x**3).mean()) < 0.01 and abs((x**4).mean() - 3) < 0.03  # skew 0, kurtosis 3
+    for level, p in ((-1.0, 0.158655), (0.0, 0.5), (1.96, 0.975002)):  # the normal CDF
+        assert abs(float((x <= level).double().mean()) - p) < 0.002
+    # a block by hand (a tensor above SMALL: one block keyed by its own key; smaller ones are
+    # drawn GROUP members at a time): Box-Muller of the mixed key + i, the cos half, then the sin half
+    n = SMALL + 1001
+    noise = SeededNoise(7, "gaussian-counter")
+    block = noise.full((n,), generation=0, member=0, index=0)
+    key = noise.key(0, 0, 0, 0)
+    key = key - (1 << 64) if key >= 1 << 63 else key
+    h = (n + 1) // 2
+    bits = noise_module._mix64(torch.tensor([key], dtype=torch.int64) + torch.arange(h))
+    u1 = (((bits >> 40) & 0xFFFFFF).double() + 0.5) / (1 << 24)
+    u2 = ((bits >> 16) & 0xFFFFFF).double() * (2 * math.pi / (1 << 24))
+    r = torch.sqrt(-2 * torch.log(u1))
+    expected = torch.cat([r * torch.cos(u2), r * torch.sin(u2)])[:n]
+    torch.testing.assert_close(block.double(), expected, atol=2e-5, rtol=1e-5)
+    samples = [0, 1, 12345, key, -(1 << 63), (1 << 63) - 1]
+    mixed = noise_module._mix64(torch.tensor(samples, dtype=torch.int64)).tolist()
+    assert mixed == [_splitmix64_finaliser(v) for v in samples]  # wrapping int64 = the 64-bit hash
+
+
+def _splitmix64_finaliser(x: int) -> int:
+    """x times the golden ratio, then splitmix64's mixing, in Python's unbounded ints (signed result)."""
+    mask = (1 << 64) - 1
+    x = ((x & mask) * 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    x ^= x >> 31
+    return x - (1 << 64) if x >= 1 << 63 else x
 
 
 def test_table_noise_is_slices_of_one_seeded_table():

@@ -12,7 +12,9 @@ VmHWM, see :func:`peak_rss`), ``torch.cuda.max_memory_allocated`` on GPU. ``memo
 ``time_ratio`` = a MeZO step's time / the time of two inference forwards, timed interleaved in
 one process (medians); ``time_ratio_rank1_noise`` the same with rank-1 matrix noise;
 ``time_ratio_table_noise`` with Gaussian noise read from the shared noise table (the
-``mezo-table`` method gives that variant's memory, the table included).
+``mezo-table`` method gives that variant's memory, the table included), and
+``time_ratio_counter_noise`` with exact Gaussians from the compiled counter-based generator
+(``distribution="gaussian-counter"``, ``mezo-counter``; its kernel is compiled before timing).
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ from collections.abc import Sequence
 
 from . import BenchArgumentParser
 
-ZO_METHODS = ("mezo", "mezo-table", "zo-sign", "zo-momentum", "zo-adam", "hizoo", "forward-grad")
+ZO_METHODS = (
+    "mezo",
+    "mezo-table",
+    "mezo-counter",
+    "zo-sign",
+    "zo-momentum",
+    "zo-adam",
+    "hizoo",
+    "forward-grad",
+)
 ALL_METHODS = ("inference", *ZO_METHODS, "adamw")
 
 
@@ -106,6 +117,7 @@ def _step_fn(method: str, model, loss):
         "mezo": zo.MeZO,
         # the shared-noise-table Gaussian: its table counts towards the step's memory
         "mezo-table": functools.partial(zo.MeZO, distribution="gaussian-table"),
+        "mezo-counter": functools.partial(zo.MeZO, distribution="gaussian-counter"),
         "zo-sign": zo.ZOSign,
         "zo-momentum": zo.ZOMomentum,
         "zo-adam": zo.ZOAdam,
@@ -172,6 +184,8 @@ def _timing(args: argparse.Namespace) -> dict:
     gaussian = MeZO(model, lr=1e-6)
     lowrank = MeZO(model, lr=1e-6, noise_rank=1)  # LOZO-style: E = a b^T for matrices
     table = MeZO(model, lr=1e-6, distribution="gaussian-table")
+    counter = MeZO(model, lr=1e-6, distribution="gaussian-counter")
+    counter.step(lambda: loss().item())  # compiles the noise kernel before the timing
 
     def two_forwards() -> None:
         infer()
@@ -191,6 +205,7 @@ def _timing(args: argparse.Namespace) -> dict:
             "mezo": step(gaussian),
             "mezo_rank1": step(lowrank),
             "mezo_table": step(table),
+            "mezo_counter": step(counter),
         },
         repeats=args.repeats,
     )
@@ -200,6 +215,7 @@ def _timing(args: argparse.Namespace) -> dict:
         "time_ratio": t["mezo"] / t["two_forwards"],
         "time_ratio_rank1_noise": t["mezo_rank1"] / t["two_forwards"],
         "time_ratio_table_noise": t["mezo_table"] / t["two_forwards"],
+        "time_ratio_counter_noise": t["mezo_counter"] / t["two_forwards"],
     }
 
 

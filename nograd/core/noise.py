@@ -30,6 +30,15 @@ TABLE_SIZE`` (3% for whole blocks) and the table costs ``4 * TABLE_SIZE`` bytes 
 device. Good for dense ES on models up to a few million parameters; not for MeZO at
 inference memory.
 
+``"gaussian-counter"`` draws exact Gaussians (Box-Muller) from a counter-based generator: the
+splitmix64 finaliser of ``key + i`` gives the uniform bits of pair ``i`` of a block. It is a
+handful of integer and float operations per number that ``torch.compile`` fuses into one kernel
+writing the block: about 1.7 ns per number against 5.3 ns for ``normal_`` (whose Mersenne
+Twister alone takes 4 ns) on one CPU thread here, with no table. The first use compiles the
+kernel (seconds); without a working compiler it runs eagerly, with one warning, at about 20-50
+ns per number. Eager and compiled results agree to float rounding (1e-6), not bit for bit, and
+so do different devices: a run keeps the same kernel throughout.
+
 Example:
     >>> noise = SeededNoise(seed=0)
     >>> a = noise.full((3, 4), generation=1, member=2, index=0)
@@ -53,7 +62,7 @@ BLOCK = 1 << 18  # elements per independently keyed block of a tensor's noise
 GROUP = 32  # members whose noise for a small tensor comes from one draw
 SMALL = BLOCK // GROUP  # tensors up to this many elements are drawn GROUP members at a time
 _GROUP_TAG = (1 << 64) - 1  # stands where a block number would, so group keys never equal block keys
-DISTRIBUTIONS = ("gaussian", "rademacher", "gaussian-table")
+DISTRIBUTIONS = ("gaussian", "rademacher", "gaussian-table", "gaussian-counter")
 TABLE_SIZE = 1 << 24  # numbers in the "gaussian-table" noise table
 _TABLE_TAG = (1 << 64) - 2  # the table's own key, never a generation/member/index/block key
 _tables: dict[tuple[int, str], torch.Tensor] = {}  # (seed, device) -> table, shared by instances
@@ -129,6 +138,9 @@ class SeededNoise:
             return _tables[name]
 
     def _draw(self, out: torch.Tensor, key: int, generator: torch.Generator | None = None) -> None:
+        if self.distribution == "gaussian-counter":
+            _counter_fill()(out.view(-1), torch.tensor(key - (1 << 64) if key >= 1 << 63 else key))
+            return
         if self.distribution == "gaussian-table":
             n = out.numel()
             start = key % (TABLE_SIZE - n + 1)
@@ -147,7 +159,8 @@ class SeededNoise:
         n = out.numel()
         starts = list(range(0, n, BLOCK))
         keys = [self.key(generation, member, index, start_block + i) for i in range(len(starts))]
-        if len(starts) == 1 or self.threads == 1 or out.device.type != "cpu":
+        serial = self.threads == 1 or out.device.type != "cpu" or self.distribution == "gaussian-counter"
+        if len(starts) == 1 or serial:  # (the counter kernel runs on torch's own threads)
             for s, k in zip(starts, keys):
                 self._draw(out[s : s + BLOCK], k)
             return out
@@ -285,3 +298,57 @@ class SeededNoise:
         a, b = flat.split([out_features * rank, in_features * rank], dim=1)
         k = flat.shape[0]
         return a.reshape(k, out_features, rank), b.reshape(k, in_features, rank)
+
+
+# ---------------------------------------------------------------- the counter-based generator
+
+_C1, _C2, _C3 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64's, as int64
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping products; logical shifts by masking)."""
+    x = x * _C1
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _C2
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _C3
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def _counter_gaussian_fill(out: torch.Tensor, base: torch.Tensor) -> None:
+    """``out`` (1-D float32) <- Box-Muller Gaussians of the uniform bits ``_mix64(base + i)``:
+    pair ``i`` gives ``out[i] = r cos(t)`` and ``out[h + i] = r sin(t)``, ``h = ceil(n / 2)``."""
+    n = out.shape[0]
+    h = (n + 1) // 2
+    bits = _mix64(torch.arange(h, dtype=torch.int64, device=out.device) + base.to(out.device))
+    u1 = ((bits >> 40) & 0xFFFFFF).to(torch.float32).add(0.5).mul(1.0 / (1 << 24))  # in (0, 1)
+    u2 = ((bits >> 16) & 0xFFFFFF).to(torch.float32).mul(2.0 * 3.141592653589793 / (1 << 24))
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    out.copy_(torch.cat([r * torch.cos(u2), r * torch.sin(u2)])[:n])
+
+
+_compiled_fill: list = []  # [the kernel in use]: compiled, or the eager function after a failure
+
+
+def _counter_fill():
+    """The compiled counter kernel (built on first use), or the eager one if compiling fails."""
+    if not _compiled_fill:
+        compiled = torch.compile(_counter_gaussian_fill, dynamic=True)
+
+        def fill(out: torch.Tensor, base: torch.Tensor) -> None:
+            try:
+                compiled(out, base)
+            except Exception as e:  # no C++ compiler, an unsupported device: eager from now on
+                import warnings
+
+                message = " ".join(str(e).split())[:160]
+                warnings.warn(
+                    f"torch.compile failed for gaussian-counter noise ({type(e).__name__}: {message}); "
+                    "drawing it eagerly (slower)",
+                    stacklevel=3,
+                )
+                _compiled_fill[0] = _counter_gaussian_fill
+                _counter_gaussian_fill(out, base)
+
+        _compiled_fill.append(fill)
+    return _compiled_fill[0]

@@ -92,7 +92,8 @@ class ModuleES:
         antithetic: mirrored pairs (recommended); otherwise each member has its own direction.
         mode: ``"batched"`` (all members in one forward) or ``"inplace"`` (one at a time).
         chunk_size: members per forward in batched mode (``None``: all).
-        noise: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"`` (faster, see ``nograd.core.noise``).
+        noise: ``"gaussian"``, ``"rademacher"``, ``"gaussian-table"`` or ``"gaussian-counter"`` (both
+            faster, see ``nograd.core.noise``).
         process_group: a ``torch.distributed`` process group to share the population with:
             each rank evaluates its block of members (whole antithetic pairs), one all-gather
             of the losses, the same update on every rank (:mod:`nograd.core.distributed`).

@@ -119,7 +119,7 @@ class SPSAEstimator(_SeededEstimator):
             central difference (2n forwards).
         noise_rank: 0 for dense Gaussian/Rademacher noise; ``r > 0`` perturbs matrices with
             low-rank ``A B^T / sqrt(r)`` noise (EGGROLL), cheaper to regenerate.
-        distribution: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"``
+        distribution: ``"gaussian"``, ``"rademacher"``, ``"gaussian-table"`` or ``"gaussian-counter"``
             (faster, see ``nograd.core.noise``).
         seed: noise seed; direction ``k`` of estimate ``t`` is keyed by ``(seed, t, k)``.
         module: map each tensor to the module that registers it instead of running a discovery

@@ -90,7 +90,7 @@ class MeZO(SGDRule, SPSAOptimizer):
             ``requires_grad=True`` are perturbed and updated.
         lr, eps, directions, one_sided, weight_decay: as above.
         noise_rank: 0 for dense noise; ``r > 0`` for low-rank matrix noise ``A B^T / sqrt(r)``.
-        distribution: ``"gaussian"``, ``"rademacher"`` or ``"gaussian-table"``
+        distribution: ``"gaussian"``, ``"rademacher"``, ``"gaussian-table"`` or ``"gaussian-counter"``
             (faster, see ``nograd.core.noise``).
         seed: the noise seed (saved in ``state_dict``, so a resumed run draws the same noise).
         log_path: append each step to this JSONL trajectory log (see :mod:`nograd.zo.replay`).
