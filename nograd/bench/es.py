@@ -13,7 +13,8 @@ interleaved and repeated, and the ratio is ``median(strategy) / median(reference
   the Deep GA.
 * full ``cma`` is skipped: it stores a dim x dim covariance (8e10 bytes at dim 1e5).
 * ``--table`` adds each dense strategy again with ``noise="gaussian-table"``, reported as
-  ``"NAME (gaussian-table)"``.
+  ``"NAME (gaussian-table)"``; ``--counter`` likewise with ``noise="gaussian-counter"`` (the
+  compiled counter-based Gaussian; its kernel is compiled in the untimed first generation).
 
 Measured on the shared 2-core CPU (dim 100,168, population 128, batch 32, 7 repeats, medians;
 ``ratio`` = strategy / reference): with ``--threads 1``: reference 0.022 s; eggroll 1.19,
@@ -114,6 +115,11 @@ def run(args: list[str]) -> dict:
         action="store_true",
         help="also time every dense strategy with the shared noise table (noise='gaussian-table')",
     )
+    p.add_argument(
+        "--counter",
+        action="store_true",
+        help="also time every dense strategy with counter-based Gaussians (noise='gaussian-counter')",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="(output is JSON in any case)")
     a = p.parse_args(args)
@@ -134,7 +140,11 @@ def run(args: list[str]) -> dict:
     x = torch.randn(a.batch, IN_OUT, generator=gen)
     y = torch.randn(a.batch, IN_OUT, generator=gen)
 
-    noises = ("gaussian", "gaussian-table") if a.table else ("gaussian",)
+    noises = (
+        ("gaussian",)
+        + (("gaussian-table",) if a.table else ())
+        + (("gaussian-counter",) if a.counter else ())
+    )
 
     def module_es(cls: type, **kw) -> Callable[[], object]:
         """One generation of a batched-engine strategy on a fresh MLP, Adam on its estimate."""

@@ -61,7 +61,7 @@ def expected_norm(n: int) -> float:
     return math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
 
 
-GAUSSIAN_NOISES = ("gaussian", "gaussian-table")
+GAUSSIAN_NOISES = ("gaussian", "gaussian-table", "gaussian-counter")
 
 
 class Strategy:
