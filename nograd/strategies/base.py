@@ -73,8 +73,9 @@ class Strategy:
         popsize: candidates per generation; ``None`` picks the strategy's default
             (``4 + floor(3 ln dim)`` for most).
         seed: seed of the :class:`~nograd.core.noise.SeededNoise` every sample is regenerated from.
-        noise: ``"gaussian"`` or ``"gaussian-table"`` (the shared noise table: faster draws, see
-            :mod:`nograd.core.noise`); the update equations assume Gaussian samples.
+        noise: ``"gaussian"``, ``"gaussian-table"`` (the shared noise table) or ``"gaussian-counter"``
+            (a compiled counter-based generator): faster draws, see :mod:`nograd.core.noise`; the
+            update equations assume Gaussian samples, which all three give.
         **paper_params: strategy hyperparameters, keyword-only in each subclass.
 
     Attributes:
