@@ -361,6 +361,61 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- map
+
+
+def _map_args(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    from nograd.workbench.trainability import MapConfig
+
+    g = p.add_argument_group("map")
+    add_options(g, MapConfig)
+    g.add_argument("--out", required=True, help="folder for map.png, map.json and map.npz")
+    g.add_argument(
+        "--lr-range", nargs=2, type=float, metavar=("LO", "HI"), help="log10 lr of both axes (default: -3 6)"
+    )
+    g.add_argument("--x-range", nargs=2, type=float, metavar=("LO", "HI"), help="log10 lr of the input layer")
+    g.add_argument(
+        "--y-range", nargs=2, type=float, metavar=("LO", "HI"), help="log10 lr of the output layer"
+    )
+    g.add_argument(
+        "--zoom",
+        nargs=3,
+        type=float,
+        metavar=("CX", "CY", "WIDTH"),
+        help="map only the square window of side WIDTH (log10 units) centred on (CX, CY)",
+    )
+    g.add_argument("--no-raw", action="store_true", help="do not write the raw scores (map.npz)")
+
+
+@command(
+    "map", "trainability map: which two learning rates train a tiny network (Sohl-Dickstein 2024)", _map_args
+)
+def cmd_map(args: argparse.Namespace) -> int:
+    from nograd.core.allocator import retain_freed_memory
+    from nograd.workbench.trainability import MapConfig, run_maps, zoom_window
+
+    given = {
+        f.name: getattr(args, f.name) for f in fields(MapConfig) if getattr(args, f.name, None) is not None
+    }
+    if args.lr_range:
+        given["x_range"] = given["y_range"] = tuple(args.lr_range)
+    if args.x_range:
+        given["x_range"] = tuple(args.x_range)
+    if args.y_range:
+        given["y_range"] = tuple(args.y_range)
+    if args.zoom:
+        given["x_range"], given["y_range"] = zoom_window(*args.zoom)
+    retain_freed_memory()  # every chunk allocates and frees its activations, as a population does
+    progress = _map_progress if sys.stderr.isatty() else None
+    run_maps(MapConfig(**given), args.out, raw=not args.no_raw, progress=progress)
+    return 0
+
+
+def _map_progress(name: str, done: int, total: int) -> None:
+    end = "\n" if done == total else ""
+    print(f"\r{name}: {done}/{total} pixels", end=end, file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------- bench
 
 
