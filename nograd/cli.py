@@ -294,8 +294,9 @@ def _compare_args(p: argparse.ArgumentParser, argv: list[str]) -> None:
     flags.add_argument("--task", help="task name")
     flags.add_argument("--methods", metavar="A,B,...", help="optimizer names")
     flags.add_argument("--seeds", default="0", metavar="S,T,...", help="seeds (default 0)")
-    for kind in ("steps", "minutes", "tokens"):
-        flags.add_argument(f"--{kind}", type=float, metavar="X", help=f"budget in {kind}")
+    units = {"steps": "steps", "minutes": "minutes of training", "tokens": "forward-token-equivalents"}
+    for kind, unit in units.items():
+        flags.add_argument(f"--{kind}", type=float, metavar="X", help=f"budget in {unit}")
     flags.add_argument("--target", type=float, action="append", default=[], help="a level to time (repeat)")
     flags.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a train flag for every cell (repeat)"
