@@ -541,7 +541,9 @@ def plot(spec: Spec, results: Mapping[str, dict]) -> list[Path]:
                         continue
                     rows = [r for r in rows if r[key] > 0]  # the log axis has no 0
                     logged = True
-                    ax.plot([r[key] for r in rows], [r[metric["name"]] for r in rows], **style)
+                    # markers: a cell evaluated once (at its end) is a point, not an empty line
+                    xs, ys = [r[key] for r in rows], [r[metric["name"]] for r in rows]
+                    ax.plot(xs, ys, marker="o", markersize=3, **style)
             for name, level in metric.get("references", {}).items():
                 ax.axhline(level, color="grey", linestyle=":", linewidth=0.8)
                 ax.annotate(name, (1, level), xycoords=("axes fraction", "data"), fontsize=7, color="grey")
