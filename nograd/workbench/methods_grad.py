@@ -177,7 +177,7 @@ class SophiaGMethod(GradientMethod):
     (seeded by the run's seed and the step index, so a resumed run draws the same), the mean
     loss on them is backpropagated and clipped, and ``update_hessian`` folds the squared
     gradient into ``h``. This reuses the step's batch where the official loop takes the next
-    one. ``bs``, the predictions per batch, is the batch's token count. A refresh costs one more
+    one. ``bs`` is the number of predictions in the batch (``y.numel()``). A refresh costs one more
     forward and backward (counted in forward_tokens).
     """
 
@@ -188,7 +188,7 @@ class SophiaGMethod(GradientMethod):
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr_scale: float) -> StepResult:
         for group in self.optimizers[0].param_groups:
-            group["bs"] = x.numel()
+            group["bs"] = y.numel()  # predictions per batch: tokens of an LM, rows of a classifier
         result = super().step(x, y, lr_scale)
         result.info["unclipped"] = self.optimizers[0].unclipped_fraction()
         self.steps_done += 1
