@@ -330,3 +330,21 @@ def test_smollm2_gguf_predicts_paris():
         [3524],
         [2731],
     ]
+
+
+def test_a_run_that_cannot_fit_is_refused_before_the_model_loads(assets, tmp_path, monkeypatch):
+    from nograd.models.hf import parameter_count
+    from nograd.workbench import loop
+
+    task, model = build(config(assets, tmp_path))
+    assert parameter_count(str(assets[0])) == sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    opts = task_options(config(assets, tmp_path))
+    assert task.estimate_bytes(opts, 1, backward=False) == 4 * n  # float32 weights
+    assert task.estimate_bytes(opts, 1, backward=True) == 16 * n  # + gradients and two moments
+    monkeypatch.setattr(loop, "available_bytes", lambda: 8 * n)  # enough to infer, not for AdamW
+    loaded = []
+    monkeypatch.setattr(type(task), "build_model", lambda self: loaded.append(1))
+    with pytest.raises(UsageError, match="needs at least .* GiB of memory"):
+        train(config(assets, tmp_path, optimizer="adamw"))
+    assert not loaded

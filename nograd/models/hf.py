@@ -16,6 +16,8 @@ network for an id) is a :class:`~nograd.core.errors.UsageError` with one line.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,36 @@ def resolve_model(spec: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
     if text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
         raise UsageError(f"model path {text!r} does not exist")
     return text, {}  # a hub id
+
+
+def parameter_count(spec: str | os.PathLike | None) -> int | None:
+    """The model's number of weights, read from its files' headers without loading it: a GGUF's
+    tensor table, or the safetensors headers of a folder. None when they cannot tell (a hub id,
+    ``.bin`` weights, no ``gguf`` package)."""
+    name, kwargs = resolve_model(spec)
+    folder = Path(name)
+    if "gguf_file" in kwargs:
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            return None
+        try:
+            return int(sum(int(t.n_elements) for t in GGUFReader(folder / kwargs["gguf_file"]).tensors))
+        except Exception:  # a damaged file: loading it will say so
+            return None
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        try:
+            with open(f, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+        except (OSError, ValueError):
+            return None
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
 
 
 def load_causal_lm(spec: str | os.PathLike | None = None, dtype: str = "float32") -> tuple[Any, Any]:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from nograd.core.errors import UsageError, first_line
 from nograd.core.options import check_options, option
-from nograd.models.hf import load_causal_lm
+from nograd.models.hf import load_causal_lm, parameter_count
 from nograd.tasks.base import Metric
 from nograd.tasks.labelled import few_shot_split, read_labelled, tweets_file
 
@@ -237,6 +237,21 @@ class PromptClassificationTask:
         return ids[-self.config.max_length :]  # keep the answer position
 
     # ------------------------------------------------------------------ the model
+
+    memory_hint = (
+        "train LoRA adapters (--train lora), use --dtype bfloat16, a forward-only method or a smaller --model"
+    )
+
+    @staticmethod
+    def estimate_bytes(config: PromptClassificationConfig, population: int, backward: bool) -> int:
+        """A lower bound on a run's memory from the model's file headers, before loading it: the
+        weights in their dtype, and for backprop on all parameters their float32 gradients and
+        AdamW's two moments. 0 when the headers cannot tell (a hub id, ``.bin`` weights)."""
+        n = parameter_count(config.model)
+        if n is None:
+            return 0
+        weights = n * (4 if config.dtype == "float32" else 2)
+        return weights + (3 * 4 * n if backward and config.train == "full" else 0)
 
     def build_model(self) -> nn.Module:
         model = self.model

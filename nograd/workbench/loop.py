@@ -103,9 +103,13 @@ class TaskLoss:
         return self.task.per_example_loss(model, x, y)
 
 
+DEFAULT_MEMORY_HINT = "lower --batch-size, --population, --block-size or the model's size"
+
+
 def _check_memory(cfg: TrainConfig, info: MethodInfo) -> None:
     """Refuse, with the numbers, a run whose task says it cannot fit in the available memory."""
-    estimate = getattr(get_task(cfg.task), "estimate_bytes", None)
+    task_cls = get_task(cfg.task)
+    estimate = getattr(task_cls, "estimate_bytes", None)
     available = available_bytes()
     if estimate is None or available is None or cfg.device != "cpu":
         return
@@ -116,7 +120,7 @@ def _check_memory(cfg: TrainConfig, info: MethodInfo) -> None:
     if need > available:
         raise UsageError(
             f"this run needs at least {need / 2**30:.1f} GiB of memory and {available / 2**30:.1f} GiB is "
-            "available: lower --batch-size, --population, --block-size or the model's size"
+            f"available: {getattr(task_cls, 'memory_hint', DEFAULT_MEMORY_HINT)}"
         )
 
 
