@@ -21,8 +21,6 @@ SGD step with no model-sized buffer (:func:`accumulate`).
 from __future__ import annotations
 
 import math
-import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compiling import CompiledOrEager
 from .noise import SeededNoise
 
 Direction = tuple[int, float]  # (noise direction index, scale such as +sigma or -sigma)
@@ -317,14 +316,14 @@ class InPlacePerturbation:
         self.noise = noise
         self.module = module if module is not None else space.module
         self.owners: dict[int, list[int]] | None = None
-        self.stream_of: dict[int, list[int]] = {}
+        self.stream_of: dict[int, list[int]] = {}  # module id -> tensors it perturbs in its output
         self.unowned: list[int] = []
         if self.module is not None:
             self._set_owners(_direct_owners(space, self.module))
 
     def _set_owners(self, owners: dict[int, list[int]]) -> None:
         self.owners = owners
-        self.stream_of: dict[int, list[int]] = {}  # module id -> tensors it perturbs in its output
+        self.stream_of = {}
         owned = {i for idx in owners.values() for i in idx}
         self.unowned = [i for i in range(len(self.space)) if i not in owned]
 
@@ -506,11 +505,10 @@ class BatchedPerturbation:
                 supported = False
             if not supported:
                 self.fallback.append(m)
-        self.compile = bool(compile)
-        self.compile_seconds: float | None = None  # the first compiled forward's time, once run
+        self._compile = bool(compile)
         self._live: _Live | None = None
         self._forwards: dict[int, Callable] = {}  # module id -> its population forward (compiled mode)
-        self._compiled: Callable | None = None
+        self._compiled: CompiledOrEager | None = None
 
     # per-member noise -----------------------------------------------------------------------
     def _member_factors(self, i: int, generation: int, members: Sequence[Direction]):
@@ -773,37 +771,26 @@ class BatchedPerturbation:
             for h in handles:
                 h.remove()
             for m, fwd in reversed(patched):
-                if m.__dict__.get("forward") is not fwd:
-                    m.forward = fwd
                 if fwd == type(m).forward.__get__(m):  # it was the class's: drop the shadow
                     m.__dict__.pop("forward", None)
+                else:
+                    m.forward = fwd
 
-    def _compiled_forward(self, original: Callable) -> Callable:
+    def _compiled_forward(self, original: Callable) -> CompiledOrEager:
         """The module's forward through torch.compile, built once; eager (one warning) if that fails."""
         if self._compiled is None:
-            compiled = torch.compile(original)
-            first = [True]
-
-            def forward(*args, **kwargs):
-                if not self.compile:  # compilation failed before: eager, with the layers still patched
-                    return original(*args, **kwargs)
-                start = time.perf_counter()
-                try:
-                    out = compiled(*args, **kwargs)
-                except Exception as e:  # a missing compiler or an unsupported layer: eager from now on
-                    self.compile = False
-                    message = " ".join(str(e).split())[:160]
-                    warnings.warn(
-                        f"torch.compile failed ({type(e).__name__}: {message}); using eager", stacklevel=2
-                    )
-                    return original(*args, **kwargs)
-                if first[0]:
-                    first[0] = False
-                    self.compile_seconds = time.perf_counter() - start
-                return out
-
-            self._compiled = forward
+            self._compiled = CompiledOrEager(original)
         return self._compiled
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """The first compiled forward's time (compiling included), once it has run."""
+        return None if self._compiled is None else self._compiled.first_call_seconds
+
+    @property
+    def compile(self) -> bool:
+        """Whether the forward runs compiled: asked for, and not failed."""
+        return self._compile and not (self._compiled is not None and self._compiled.failed)
 
 
 def member_directions(members: Iterable[int], sigma: float, antithetic: bool = True) -> list[Direction]:

@@ -58,6 +58,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .compiling import CompiledOrEager
+
 BLOCK = 1 << 18  # elements per independently keyed block of a tensor's noise
 GROUP = 32  # members whose noise for a small tensor comes from one draw
 SMALL = BLOCK // GROUP  # tensors up to this many elements are drawn GROUP members at a time
@@ -327,28 +329,19 @@ def _counter_gaussian_fill(out: torch.Tensor, base: torch.Tensor) -> None:
     out.copy_(torch.cat([r * torch.cos(u2), r * torch.sin(u2)])[:n])
 
 
-_compiled_fill: list = []  # [the kernel in use]: compiled, or the eager function after a failure
+_compiled_fill: list[CompiledOrEager] = []  # the kernel, built on first use
 
 
-def _counter_fill():
-    """The compiled counter kernel (built on first use), or the eager one if compiling fails."""
+def _counter_fill() -> CompiledOrEager:
+    """The compiled counter kernel (built on first use); eager, with one warning, if compiling fails."""
     if not _compiled_fill:
-        compiled = torch.compile(_counter_gaussian_fill, dynamic=True)
-
-        def fill(out: torch.Tensor, base: torch.Tensor) -> None:
-            try:
-                compiled(out, base)
-            except Exception as e:  # no C++ compiler, an unsupported device: eager from now on
-                import warnings
-
-                message = " ".join(str(e).split())[:160]
-                warnings.warn(
-                    f"torch.compile failed for gaussian-counter noise ({type(e).__name__}: {message}); "
-                    "drawing it eagerly (slower)",
-                    stacklevel=3,
-                )
-                _compiled_fill[0] = _counter_gaussian_fill
-                _counter_gaussian_fill(out, base)
-
-        _compiled_fill.append(fill)
+        _compiled_fill.append(
+            CompiledOrEager(
+                _counter_gaussian_fill,
+                what="gaussian-counter noise",
+                instead="drawing it eagerly (slower)",
+                stacklevel=4,
+                dynamic=True,
+            )
+        )
     return _compiled_fill[0]
