@@ -34,6 +34,10 @@ def small_text(tmp_path: Path) -> Path:
     return path
 
 
+TINY_GPT = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_batches=2)
+"""The shakespeare-char flags of a model that trains a few steps in well under a second."""
+
+
 def tiny_config(tmp_path: Path, **overrides):
     """A TrainConfig for a model small enough to train a few steps in well under a second."""
     from nograd.workbench import make_config
@@ -41,12 +45,7 @@ def tiny_config(tmp_path: Path, **overrides):
     base = dict(
         data=str(small_text(tmp_path)),
         out=str(tmp_path / "run"),
-        n_layer=1,
-        n_head=2,
-        n_embd=16,
-        block_size=16,
-        batch_size=4,
-        eval_batches=2,
+        **TINY_GPT,
         steps=6,
         eval_every=3,
         warmup=2,

@@ -6,23 +6,13 @@ import csv
 import json
 
 import pytest
-from _foundation import small_text
+from _foundation import TINY_GPT, small_text
 
 from nograd.cli import main
 from nograd.core.errors import UsageError
 from nograd.workbench.compare import compare, parse_spec, reach
 
-TINY_TASK = dict(
-    task="shakespeare-char",
-    n_layer=1,
-    n_head=2,
-    n_embd=16,
-    block_size=16,
-    batch_size=4,
-    eval_batches=2,
-    eval_every=3,
-    sample_chars=10,
-)
+TINY_TASK = dict(task="shakespeare-char", **TINY_GPT, eval_every=3, sample_chars=10)
 
 
 def tiny_spec(tmp_path, **changes) -> dict:
