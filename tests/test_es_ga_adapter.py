@@ -13,14 +13,7 @@ from nograd.strategies.functions import sphere
 from nograd.strategies.ga import GA
 from nograd.strategies.module_adapter import ModuleAdapter
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and much faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mse_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -15,14 +15,7 @@ from nograd.workbench import TrainConfig
 from nograd.workbench.methods_es import ES_DEFAULTS, ES_METHODS
 from nograd.workbench.registry import get_method, load_methods
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and much faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NAMES = ["openai-es", "eggroll", "pgpe", "snes", "sep-cma", "lm-ma-es", "rm-es", "cma", "cem", "ga", "nres"]

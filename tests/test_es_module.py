@@ -16,14 +16,7 @@ from nograd.strategies.eggroll import EGGROLL, group_zscore
 from nograd.strategies.module_es import ModuleES
 from nograd.strategies.openai_es import OpenAIES
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and much faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mse_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

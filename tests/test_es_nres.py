@@ -18,14 +18,7 @@ from nograd.bench.nres_tbptt import (
 from nograd.core.shaping import NonFiniteFitnessError
 from nograd.strategies.nres import NRES
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and much faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 T, W = 200, 10

@@ -18,14 +18,7 @@ from nograd.models.gpt import GPT, GPTConfig
 from nograd.zo import ForwardGradientEstimator, HiZOOEstimator, SPSAEstimator
 from nograd.zo.estimators import hizoo_tensor_update
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 K = 3.0  # a d-dim (d >= 5) mean error exceeds 3x its rms norm with probability < 1e-8

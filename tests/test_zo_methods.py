@@ -21,12 +21,7 @@ NAMES = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "hizoo", "forward-grad"]
 FORWARDS = {"mezo": 4, "zo-sign": 4, "zo-momentum": 4, "zo-adam": 4, "hizoo": 5, "forward-grad": 6}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_gpt() -> GPT:

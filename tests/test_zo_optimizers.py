@@ -16,13 +16,7 @@ from nograd.core.shaping import NonFiniteFitnessError
 from nograd.models.gpt import GPT, GPTConfig
 from nograd.zo import ForwardGradient, HiZOO, MeZO, ZOAdam, ZOMomentum, ZOSign
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logistic_data(n: int = 200, d: int = 5, seed: int = 0):

@@ -16,13 +16,7 @@ from nograd.workbench.checkpoint import load_checkpoint, save_checkpoint
 from nograd.workbench.replay import replay_command
 from nograd.zo import ForwardGradient, HiZOO, MeZO, ZOAdam, ZOMomentum, ZOSign, read_trajectory, replay
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp() -> nn.Module:

@@ -290,16 +290,18 @@ class SeededNoise:
         device: torch.device | str = "cpu",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked factors of several members: ``(k, out, r)`` and ``(k, in, r)``, float32."""
-        flat = self.members(
-            ((out_features + in_features) * rank,),
-            generation=generation,
-            members=members,
-            index=index,
-            device=device,
-        )
-        a, b = flat.split([out_features * rank, in_features * rank], dim=1)
-        k = flat.shape[0]
-        return a.reshape(k, out_features, rank), b.reshape(k, in_features, rank)
+        shape = ((out_features + in_features) * rank,)
+        flat = self.members(shape, generation=generation, members=members, index=index, device=device)
+        return split_factors(flat, out_features, in_features, rank)
+
+
+def split_factors(
+    flat: torch.Tensor, out_features: int, in_features: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each member's draw of ``(out + in) * r`` numbers as its factors ``(k, out, r)``, ``(k, in, r)``."""
+    a, b = flat.split([out_features * rank, in_features * rank], dim=1)
+    k = flat.shape[0]
+    return a.reshape(k, out_features, rank), b.reshape(k, in_features, rank)
 
 
 # ---------------------------------------------------------------- the counter-based generator

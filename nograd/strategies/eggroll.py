@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from ..core.shaping import SHAPINGS, sanitize, shape
-from .module_es import ModuleES
+from .module_es import DirectionSampling, ModuleES
 
 
 def group_zscore(losses: torch.Tensor, group_size: int = 0, eps: float = 1e-8) -> torch.Tensor:
@@ -102,6 +102,7 @@ class EGGROLL(ModuleES):
         noise: str = "gaussian",
         process_group: Any = None,
         compile: bool = False,
+        sampling: DirectionSampling | None = None,
     ) -> None:
         if int(rank) != rank or rank < 1:
             raise ValueError(f"EGGROLL needs rank >= 1 (rank 0 is OpenAI-ES), got {rank}")
@@ -132,6 +133,7 @@ class EGGROLL(ModuleES):
             noise=noise,
             process_group=process_group,
             compile=compile,
+            sampling=sampling,
         )
 
     def utilities(self, losses: torch.Tensor) -> tuple[torch.Tensor, int]:

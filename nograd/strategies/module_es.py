@@ -39,7 +39,9 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,6 +50,7 @@ from torch import nn
 from ..core.distributed import Collective
 from ..core.engine import BatchedPerturbation, InPlacePerturbation, ParamSpace, accumulate, member_directions
 from ..core.noise import DISTRIBUTIONS, SeededNoise
+from ..core.shaped_noise import ShapedNoise
 from ..core.shaping import SHAPINGS, NonFiniteFitnessError, shape
 
 MODES = ("batched", "inplace")
@@ -72,6 +75,69 @@ def batch_rows(batch: Sequence[Any]) -> int:
         if isinstance(t, torch.Tensor) and t.dim() >= 1:
             return t.shape[0]
     raise ValueError("the batch holds no tensor with a batch dimension")
+
+
+LOG_SCALE_BOUND = math.log(10.0)  # adapted per-tensor noise scales stay within [sigma / 10, 10 sigma]
+
+
+@dataclass(frozen=True)
+class DirectionSampling:
+    """How a generation's directions are drawn, beyond i.i.d. Gaussians (:mod:`nograd.core.shaped_noise`).
+
+    Args:
+        orthogonal: orthogonalise the isotropic directions of a generation in blocks.
+        guided: fraction of the directions drawn from the subspace of the last
+            ``guide_history`` estimates of each tensor (guided ES); 0 turns it off.
+        guide_history: estimates kept per tensor for the guiding subspace (its dimension k).
+        sigma_lr: learning rate of the per-tensor log noise scales (0: one sigma for all). The
+            natural-gradient step of SNES on each tensor's scale ``alpha_i``:
+            ``log alpha_i -= sigma_lr / P sum_m u_m (||E_{d_m, i}||^2 / n_i - 1)``, where ``u`` are
+            the shaped losses (larger = worse): a tensor whose larger draws go with worse losses
+            is perturbed less, one whose larger draws go with better losses more.
+    """
+
+    orthogonal: bool = False
+    guided: float = 0.0
+    guide_history: int = 4
+    sigma_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.guided < 1.0:
+            raise ValueError(f"guided must be a fraction in [0, 1), got {self.guided}")
+        if int(self.guide_history) != self.guide_history or self.guide_history < 1:
+            raise ValueError(f"guide_history must be an integer >= 1, got {self.guide_history}")
+        if not (self.sigma_lr >= 0.0 and math.isfinite(self.sigma_lr)):
+            raise ValueError(f"sigma_lr must be finite and >= 0, got {self.sigma_lr}")
+
+    @property
+    def active(self) -> bool:
+        return self.orthogonal or self.guided > 0 or self.sigma_lr > 0
+
+    @property
+    def needs_estimate(self) -> bool:
+        """Whether the strategy must see each tensor's estimate (guides, scale corrections)."""
+        return self.guided > 0 or self.sigma_lr > 0
+
+
+def _subspace(
+    past: list[torch.Tensor], lowrank: bool, shape: tuple[int, int]
+) -> tuple[torch.Tensor, ...] | None:
+    """Orthonormal bases of the span of a tensor's last estimates: ``(U, V)`` of their column and
+    row spaces for a low-rank matrix, ``(Q,)`` for a dense tensor; None before the first estimate."""
+    if not past:
+        return None
+    if lowrank:
+        out_f, in_f = shape
+        mats = [g.reshape(out_f, in_f) for g in past]
+        k = min(len(mats), out_f, in_f)
+        u = torch.linalg.svd(torch.cat(mats, dim=1), full_matrices=False).U[:, :k]
+        v = torch.linalg.svd(torch.cat(mats, dim=0), full_matrices=False).Vh[:k].T
+        return u.contiguous(), v.contiguous()
+    cols = torch.stack([g.flatten() for g in past], dim=1)
+    if cols.shape[0] < 2:
+        return None
+    q = torch.linalg.qr(cols).Q[:, : min(cols.shape)]
+    return (q.contiguous(),)
 
 
 class ModuleES:
@@ -99,6 +165,8 @@ class ModuleES:
             of the losses, the same update on every rank (:mod:`nograd.core.distributed`).
         compile: run the batched population forward through ``torch.compile`` (compiled once,
             on the first generation; eager with one warning if compilation fails).
+        sampling: :class:`DirectionSampling` (orthogonal, guided, per-tensor scales); guided
+            directions and adapted scales need an ``optimizer``.
     """
 
     def __init__(
@@ -119,6 +187,7 @@ class ModuleES:
         noise: str = "gaussian",
         process_group: Any = None,
         compile: bool = False,
+        sampling: DirectionSampling | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -165,8 +234,22 @@ class ModuleES:
         self.mode = mode
         self.chunk_size = chunk_size
         self.noise_kind = noise
-        self.noise = SeededNoise(self.seed, noise)
+        self.sampling = sampling or DirectionSampling()
+        n_dirs = self.population // 2 if self.antithetic else self.population
+        self._guided_dirs = round(self.sampling.guided * n_dirs)
+        if self.sampling.guided and not 1 <= self._guided_dirs < n_dirs:
+            raise ValueError(
+                f"guided={self.sampling.guided} of {n_dirs} directions leaves no guided or no isotropic "
+                "direction; use a larger population or another fraction"
+            )
+        if self.sampling.needs_estimate and not optimizer:
+            raise ValueError(
+                "guided directions and adapted sigmas need an optimizer (not the in-place SGD step)"
+            )
         self.space = ParamSpace(model, rank=self.rank)
+        self.log_scales = torch.zeros(len(self.space), dtype=torch.float64)
+        self.history: list[list[torch.Tensor]] = [[] for _ in self.space.tensors]
+        self.noise = self._make_noise()
         if self.optimizers:
             in_opt = {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
             missing = [n for n, p in zip(self.space.names, self.space.tensors) if id(p) not in in_opt]
@@ -181,6 +264,32 @@ class ModuleES:
         self.generation = 0
         self.last_info: dict[str, float] = {}
         self.collective = Collective(process_group)
+
+    def _make_noise(self) -> SeededNoise:
+        if not self.sampling.active:
+            return SeededNoise(self.seed, self.noise_kind)
+        n_dirs = self.population // 2 if self.antithetic else self.population
+        noise = ShapedNoise(
+            self.seed,
+            self.noise_kind,
+            directions=n_dirs,
+            orthogonal=self.sampling.orthogonal,
+            guided=self._guided_dirs,
+        )
+        self._share_shaping(noise)
+        return noise
+
+    def _share_shaping(self, noise: SeededNoise) -> None:
+        """Hand the current scales and guides to the noise the engines read."""
+        if not isinstance(noise, ShapedNoise):
+            return
+        noise.scales = {i: math.exp(v) for i, v in enumerate(self.log_scales.tolist()) if v != 0.0}
+        noise.guides = {}
+        if self._guided_dirs:
+            for i, past in enumerate(self.history):
+                guide = _subspace(past, self.space.lowrank[i], self.space.matrix_shape(i))
+                if guide is not None:
+                    noise.guides[i] = guide
 
     # members ------------------------------------------------------------------------------
     def directions(self, members: Sequence[int] | range | None = None) -> list[tuple[int, float]]:
@@ -279,6 +388,8 @@ class ModuleES:
         coeffs = self.coefficients(u)
         if self.optimizers:
             accumulate(self.space, self.noise, self.generation, coeffs, into="grad")
+            if self.sampling.needs_estimate:
+                self._follow_estimate(u)
             if self.weight_decay:
                 with torch.no_grad():
                     for p in self.space.tensors:
@@ -300,6 +411,53 @@ class ModuleES:
         }
         return self.last_info
 
+    def _follow_estimate(self, utilities: torch.Tensor) -> None:
+        """Correct each tensor's estimate for its scale, keep it for the guides, adapt the scales,
+        and hand the next generation's scales and guides to the noise."""
+        scales = torch.exp(self.log_scales).tolist()
+        if self.sampling.sigma_lr:
+            step = self.sampling.sigma_lr * self._scale_gradient(utilities, scales)
+            self.log_scales = (self.log_scales - step).clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND)
+        with torch.no_grad():
+            for i, p in enumerate(self.space.tensors):
+                if (
+                    scales[i] != 1.0
+                ):  # accumulate rebuilt alpha_i * sum c E; the estimate is sum c E / alpha_i
+                    p.grad.div_(scales[i] ** 2)
+                if self._guided_dirs:
+                    self.history[i] = [*self.history[i], p.grad.detach().float().clone()][
+                        -self.sampling.guide_history :
+                    ]
+        self._share_shaping(self.noise)
+
+    def _scale_gradient(self, utilities: torch.Tensor, scales: list[float]) -> torch.Tensor:
+        """``1/P sum_m u_m (||E_{d_m, i}||^2 / n_i - 1)`` per tensor (the unscaled draws' norms)."""
+        dirs = self.directions()
+        unique = sorted({d for d, _ in dirs})
+        where = {d: j for j, d in enumerate(unique)}
+        u_per_dir = torch.zeros(len(unique), dtype=torch.float64)
+        for (d, _), u in zip(dirs, utilities.tolist()):
+            u_per_dir[where[d]] += u
+        out = torch.zeros(len(self.space), dtype=torch.float64)
+        with torch.no_grad():
+            for i, p in enumerate(self.space.tensors):
+                if self.space.lowrank[i]:
+                    a, b = self.space.member_factors(self.noise, i, self.generation, unique)
+                    gram = torch.bmm(a.transpose(1, 2), a) * torch.bmm(
+                        b.transpose(1, 2), b
+                    )  # tr(A^T A B^T B)
+                    sq = gram.sum((1, 2)) / self.rank
+                else:
+                    sq = (
+                        self.space.member_dense(self.noise, i, self.generation, unique)
+                        .flatten(1)
+                        .pow(2)
+                        .sum(1)
+                    )
+                q = sq.double() / (p.numel() * scales[i] ** 2)
+                out[i] = (u_per_dir * (q - 1.0)).sum() / self.population
+        return out
+
     def step(self, loss_fn: ModuleLossFn, *batch: Any) -> torch.Tensor:
         """Evaluate the population on ``batch`` and update; returns the members' losses ``(P,)``."""
         losses = self.evaluate(loss_fn, *batch)
@@ -317,6 +475,8 @@ class ModuleES:
             "rank": self.rank,
             "lr": self.lr,
             "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "log_scales": self.log_scales.clone(),
+            "history": [list(h) for h in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -332,7 +492,10 @@ class ModuleES:
         self.seed = int(state["seed"])
         self.sigma = float(state["sigma"])
         self.lr = state["lr"]
-        self.noise = SeededNoise(self.seed, self.noise_kind)
+        if "log_scales" in state:  # (saved before direction sampling existed: plain noise)
+            self.log_scales = state["log_scales"].clone().double()
+            self.history = [list(h) for h in state["history"]]
+        self.noise = self._make_noise()
         self._batched = self._inplace = None
         for opt, saved in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(saved)

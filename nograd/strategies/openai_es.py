@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .module_es import ModuleES
+from .module_es import DirectionSampling, ModuleES
 
 
 class OpenAIES(ModuleES):
@@ -68,6 +68,7 @@ class OpenAIES(ModuleES):
         noise: str = "gaussian",
         process_group: Any = None,
         compile: bool = False,
+        sampling: DirectionSampling | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -85,4 +86,5 @@ class OpenAIES(ModuleES):
             noise=noise,
             process_group=process_group,
             compile=compile,
+            sampling=sampling,
         )

@@ -20,11 +20,13 @@ Registered names and what they run (``forward_tokens = population x B x T`` per 
 
 Options: ``--population``, ``--sigma``, ``--rank``, ``--outer`` (``adamw``, ``adam``, ``sgd``,
 ``muon``), ``--lr``, ``--weight-decay`` come from the config; the rest from ``--opt KEY=VALUE``
-(each method's keys are listed by an unknown-key error and in :data:`ES_OPTS`).
+(each method's keys are listed by an unknown-key error and in :data:`ES_OPTS`). ``eggroll`` and
+``openai-es`` also take how the directions are drawn
+(:class:`~nograd.strategies.module_es.DirectionSampling`): ``orthogonal=true``,
+``guided=FRACTION`` with ``guide_history=K``, ``sigma_lr=ETA`` (per-tensor noise scales).
 
 Example:
-    >>> from nograd.optim import adamw, muon_and_adamw
-from nograd.workbench.registry import load_methods
+    >>> from nograd.workbench.registry import load_methods
     >>> sorted(n for n in load_methods() if n in ES_METHODS)  # doctest: +NORMALIZE_WHITESPACE
     ['cem', 'cma', 'eggroll', 'ga', 'lm-ma-es', 'nres', 'openai-es', 'pgpe', 'rm-es', 'sep-cma', 'snes']
 """
@@ -41,7 +43,7 @@ from nograd.core.errors import UsageError
 from nograd.optim import adamw, muon_and_adamw
 from nograd.strategies.eggroll import EGGROLL
 from nograd.strategies.module_adapter import ModuleAdapter
-from nograd.strategies.module_es import ModuleES
+from nograd.strategies.module_es import DirectionSampling, ModuleES
 from nograd.strategies.nres import NRES
 from nograd.strategies.openai_es import OpenAIES
 from nograd.workbench.registry import OUTER_OPTIMIZERS, LossFn, StepResult, parse_opts, register_method
@@ -76,9 +78,11 @@ _MODULE_ES_OPTS = {
     "beta2": 0.999,
     "noise": "gaussian",
 }
+# how the directions are drawn (DirectionSampling): eggroll and openai-es
+_SAMPLING_OPTS = {"orthogonal": False, "guided": 0.0, "guide_history": 4, "sigma_lr": 0.0}
 ES_OPTS: dict[str, dict[str, Any]] = {
-    "eggroll": {**_MODULE_ES_OPTS, "shaping": "zscore", "group_size": 0},
-    "openai-es": {**_MODULE_ES_OPTS, "shaping": "centered-ranks"},
+    "eggroll": {**_MODULE_ES_OPTS, **_SAMPLING_OPTS, "shaping": "zscore", "group_size": 0},
+    "openai-es": {**_MODULE_ES_OPTS, **_SAMPLING_OPTS, "shaping": "centered-ranks"},
     "nres": {**_MODULE_ES_OPTS, "reuse": 8, "stagger": True},
 }
 # flat ask/tell strategies: the adapter's options plus each strategy's own (None: the paper's default)
@@ -259,6 +263,12 @@ def _build_module_es(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, method
         wd = 0.0  # weight decay goes to the outer optimizer (decoupled); with inplace_sgd, L2 on the estimate
         if o["inplace_sgd"] and cfg.weight_decay:
             wd = float(cfg.weight_decay)
+        sampling = DirectionSampling(
+            orthogonal=o["orthogonal"],
+            guided=o["guided"],
+            guide_history=o["guide_history"],
+            sigma_lr=o["sigma_lr"],
+        )
         if method == "eggroll":
             es = EGGROLL(
                 model,
@@ -267,10 +277,13 @@ def _build_module_es(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, method
                 group_size=o["group_size"],
                 chunk_size=chunk,
                 weight_decay=wd,
+                sampling=sampling,
                 **common,
             )
         else:
-            es = OpenAIES(model, shaping=o["shaping"], chunk_size=chunk, weight_decay=wd, **common)
+            es = OpenAIES(
+                model, shaping=o["shaping"], chunk_size=chunk, weight_decay=wd, sampling=sampling, **common
+            )
     except ValueError as e:
         raise UsageError(f"{method}: {e}") from None
     return ModuleESMethod(es, loss_fn, cfg.lr)
