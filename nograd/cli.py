@@ -417,6 +417,34 @@ def _map_progress(name: str, done: int, total: int) -> None:
     print(f"\r{name}: {done}/{total} pixels", end=end, file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------- budget-law
+
+
+def _budget_law_args(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    p.add_argument("folder", help="a `nograd compare` results folder (forward-only and gradient runs)")
+    p.add_argument(
+        "--targets",
+        type=float,
+        nargs="+",
+        metavar="LEVEL",
+        help="levels of the task's metric (default: the targets of the folder's results.csv)",
+    )
+
+
+@command(
+    "budget-law",
+    "fit the generations black-box runs need to reach each target against model size and population",
+    _budget_law_args,
+)
+def cmd_budget_law(args: argparse.Namespace) -> int:
+    from nograd.workbench.budget_law import markdown, run_budget_law, targets_of
+
+    targets = args.targets or targets_of(args.folder)
+    result = run_budget_law(args.folder, targets)
+    print(markdown(result), end="")
+    return 0
+
+
 # ---------------------------------------------------------------- bench
 
 

@@ -237,3 +237,26 @@ def test_skip_start_eval_leaves_out_the_step_0_row(tmp_path):
     summary = train(tiny_config(tmp_path, steps=3, eval_every=3, skip_start_eval=True))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [3] and summary["steps"] == 3
+
+
+def test_samples_along_the_way_and_after_a_resume(tmp_path):
+    """--sample-every: a sample at the start, at each multiple of it, and at the end, in
+    samples.jsonl with the metric; a resumed run continues the file and stays exact."""
+    one = tiny_config(tmp_path, out=str(tmp_path / "one"), steps=8, eval_every=2, sample_every=4)
+    train(one)
+    rows = [json.loads(line) for line in open(tmp_path / "one" / "samples.jsonl")]
+    assert [r["step"] for r in rows] == [0, 4, 8]
+    assert all(len(r["text"]) > 0 and math.isfinite(r["val_loss"]) for r in rows)
+    assert rows[-1]["text"] == (tmp_path / "one" / "sample.txt").read_text()
+    metrics = {r["step"]: r["val_loss"] for r in map(json.loads, open(tmp_path / "one" / "metrics.jsonl"))}
+    assert all(r["val_loss"] == metrics[r["step"]] for r in rows)
+    two = replace(one, out=str(tmp_path / "two"), steps=6, lr_decay_steps=8)
+    train(two)
+    train(replace(two, steps=8, resume="auto"))
+    again = [json.loads(line) for line in open(tmp_path / "two" / "samples.jsonl")]
+    assert [r["step"] for r in again] == [0, 4, 6, 8]  # the first run's end, then the resumed one's
+    assert again[-1]["text"] == rows[-1]["text"]
+    _assert_identical(
+        load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"],
+        load_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"],
+    )

@@ -52,6 +52,12 @@ class TrainConfig:
         metavar="FTE",
     )
     eval_every: int = option(250, "steps between evaluations and checkpoints", min=1, resume="new")
+    sample_every: int = option(
+        0,
+        "steps between text samples, at evaluations (printed, kept in samples.jsonl; 0: at the end only)",
+        min=0,
+        resume="new",
+    )
     skip_start_eval: bool = option(
         False, "no evaluation before the first step (when it is known, e.g. a zero-shot run's)", resume="new"
     )

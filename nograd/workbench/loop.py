@@ -143,6 +143,7 @@ class Run:
     interval_info: dict[str, list[float]] = field(default_factory=dict)
     window: list[tuple[float, float]] = field(default_factory=list)  # (seconds, tokens) of recent steps
     last_eval: int = 0
+    last_sample_step: int = -1  # the step of the last --sample-every sample
     collective: Collective = field(default_factory=Collective)
     joined: bool = False  # this run initialised torch.distributed (and ends it)
     compile_s: float | None = None  # the first compiled population forward (--compile), once run
@@ -230,7 +231,7 @@ class Run:
         except (KeyError, ValueError, RuntimeError) as e:
             raise UsageError(f"checkpoint cannot be resumed ({type(e).__name__}: {str(e)[:100]})") from None
         self.rows = read_rows(self.out / "metrics.jsonl", self.step_count)
-        self.last_eval = self.step_count
+        self.last_eval = self.last_sample_step = self.step_count
         self.log(
             f"resuming from step {self.step_count} ({self.forward_tokens:.3g} forward tokens, "
             f"{self.wall:.1f}s)"
@@ -303,7 +304,24 @@ class Run:
             f"step {self.step_count:>6} | train {tl} | {shown} | {self.forward_tokens:.3g} fwd tokens "
             f"| {self.wall:.1f}s"
         )
+        every = self.cfg.sample_every
+        if every and self.step_count // every > self.last_sample_step // every:
+            self.sample_along_the_way(values)
         return values
+
+    def sample_along_the_way(self, values: dict[str, float], text: str | None = None) -> None:
+        """A text sample at this evaluation, printed and appended to samples.jsonl (its own
+        generator: the run's random state is untouched, so a resume stays exact)."""
+        self.last_sample_step = self.step_count
+        printed = text is not None  # the final sample, which finish() prints
+        text = self.task.sample(self.model, seed=self.cfg.seed) if text is None else text
+        if not text or not self.writer:
+            return
+        if not printed:
+            self.log(f"--- sample at step {self.step_count} ---\n{text}\n---")
+        row = {"step": self.step_count, "wall_s": round(self.wall, 3), "forward_tokens": self.forward_tokens}
+        with open(self.out / "samples.jsonl", "a") as f:
+            f.write(json.dumps({**row, **values, "text": text}) + "\n")
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -388,6 +406,7 @@ class Run:
             "wall_s": self.wall,
             "forward_tokens": self.forward_tokens,
             "compile_s": self.compile_s,
+            "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "sample": "",
         }
         for metric in self.task.metrics:
@@ -414,6 +433,11 @@ class Run:
         summary["sample"] = sample
         if sample:
             self.log(f"--- sample ---\n{sample}\n---")
+        if cfg.sample_every and self.last_sample_step != self.step_count and self.rows:
+            last = self.rows[-1]
+            self.sample_along_the_way(
+                {m.name: last[m.name] for m in self.task.metrics if m.name in last}, sample
+            )
         metrics = [asdict(m) for m in self.task.metrics]
         (self.out / "summary.json").write_text(json.dumps({**summary, "metrics": metrics}, indent=2) + "\n")
         final = summary[f"final_{self.task.metrics[0].name}"]
