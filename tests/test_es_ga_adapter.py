@@ -93,15 +93,62 @@ def test_ga_on_a_module_evaluates_its_genomes_bit_identically():
     assert torch.equal(trainer.vector(), trainer.strategy.mean.float().double())
 
 
-@pytest.mark.parametrize("name", ["sep-cma", "snes", "ga"])
-def test_adapter_vmap_and_loop_agree(name):
+@pytest.mark.parametrize("name", ["sep-cma", "snes", "cem", "pgpe", "lm-ma-es", "rm-es", "ga"])
+def test_adapter_modes_agree(name):
+    """Members one by one, vmapped chunks, and the whole population batched: the same losses."""
     x, y = torch.randn(16, 3), torch.randn(16, 2)
     losses = {}
-    for mode in ("vmap", "loop"):
+    for mode in ("vmap", "loop", "batched"):
         model = small_net(1)
         trainer = ModuleAdapter(model, name, sigma=0.1, popsize=8, seed=0, mode=mode, chunk_size=3)
         losses[mode] = torch.stack([trainer.step(mse_rows, x, y) for _ in range(3)])
     torch.testing.assert_close(losses["vmap"], losses["loop"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["batched"], losses["loop"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sep-cma", "snes", "cem", "pgpe", "lm-ma-es", "rm-es"])
+def test_float32_samples_follow_the_float64_equations(name):
+    """The adapter draws float32 samples for float32 weights; the state stays float64 and the
+    trajectory matches the all-float64 strategy to float32 rounding."""
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        trainer = ModuleAdapter(small_net(1), name, sigma=0.1, popsize=8, seed=0, mode="loop")
+        trainer.strategy.sample_dtype = dtype
+        for _ in range(4):
+            trainer.step(mse_rows, x, y)
+        runs[dtype] = trainer.strategy
+    fast, exact = runs[torch.float32], runs[torch.float64]
+    assert fast.mean.dtype == torch.float64 and fast.best_x.dtype == torch.float64
+    torch.testing.assert_close(fast.mean, exact.mean, rtol=1e-4, atol=1e-5)
+    assert fast.sigma == pytest.approx(exact.sigma, rel=1e-4)
+
+
+def test_adapter_batched_on_a_gpt_and_a_layer_without_a_batched_rule():
+    """Attention, layer norms, tied embeddings (the char GPT) and a Conv1d (run per member with
+    its own weights): batched losses equal the loop's."""
+    from nograd.models.gpt import GPT, GPTConfig
+    from nograd.tasks.shakespeare import per_example_loss
+
+    ids = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(0))
+
+    def gpt() -> nn.Module:
+        return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+
+    def conv() -> nn.Module:
+        return nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4, 2))
+
+    cases = [
+        (gpt, (ids, (ids + 1) % 11), per_example_loss),
+        (conv, (torch.randn(5, 2, 6), torch.randn(5, 2)), mse_rows),
+    ]
+    for make, args, loss in cases:
+        losses = {}
+        for mode in ("loop", "batched"):
+            torch.manual_seed(0)
+            trainer = ModuleAdapter(make(), "snes", sigma=0.05, popsize=6, seed=1, mode=mode)
+            losses[mode] = torch.stack([trainer.step(loss, *args) for _ in range(2)])
+        torch.testing.assert_close(losses["batched"], losses["loop"], rtol=1e-5, atol=1e-6)
 
 
 class Tied(nn.Module):
@@ -135,7 +182,9 @@ def test_adapter_handles_tied_weights_and_trains():
     with torch.no_grad():
         start = float(ce_rows(model, ids, targets).mean())
     loop = ModuleAdapter(copy.deepcopy(model), "sep-cma", sigma=0.2, popsize=16, seed=0, mode="loop")
+    batched = ModuleAdapter(copy.deepcopy(model), "sep-cma", sigma=0.2, popsize=16, seed=0, mode="batched")
     torch.testing.assert_close(trainer.evaluate(ce_rows, ids, targets), loop.evaluate(ce_rows, ids, targets))
+    torch.testing.assert_close(batched.evaluate(ce_rows, ids, targets), loop.evaluate(ce_rows, ids, targets))
     for _ in range(60):
         trainer.step(ce_rows, ids, targets)
     with torch.no_grad():
@@ -194,5 +243,6 @@ def test_adapter_bad_arguments():
         ModuleAdapter(small_net(), GA(torch.ones(3), 0.1, 4))
 
 
-def test_adapter_auto_mode_is_loop_on_cpu():
-    assert ModuleAdapter(small_net(), "snes", sigma=0.1).mode == "loop"
+def test_adapter_auto_mode_is_batched_while_the_population_fits():
+    assert ModuleAdapter(small_net(), "snes", sigma=0.1).mode == "batched"
+    assert ModuleAdapter(small_net(), "snes", sigma=0.1, batched_bytes=16).mode == "loop"  # on CPU

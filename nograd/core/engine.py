@@ -483,13 +483,28 @@ class BatchedPerturbation:
     objects every generation, so the graph is compiled once (the first generation pays for it:
     :attr:`compile_seconds`) and not again unless the population size changes. If compilation
     fails (no C++ compiler, an unsupported layer), one warning is printed and the eager path runs.
+
+    ``replace=True`` (dense only): the per-member tensors ``noise.members(...)`` are the members'
+    own values of the tensors, not perturbations of the module's, as a flat strategy's candidates
+    are. A linear layer then runs one ``baddbmm`` over the members' weights (inference of ``P``
+    distinct copies) instead of the shared product plus a per-member one, which for dense members
+    would double the work; embeddings gather from the members' tables and norms apply the
+    members' affines.
     """
 
     def __init__(
-        self, module: nn.Module, space: ParamSpace, noise: SeededNoise, compile: bool = False
+        self,
+        module: nn.Module,
+        space: ParamSpace,
+        noise: SeededNoise,
+        compile: bool = False,
+        replace: bool = False,
     ) -> None:
         if space.module is not None and space.module is not module:
             raise ValueError("the ParamSpace was built from another module")
+        if replace and (space.rank or compile):
+            raise ValueError("replace=True takes dense per-member values (rank 0), eagerly")
+        self.replace = bool(replace)
         self.module = module
         self.space = space
         self.noise = noise
@@ -527,6 +542,8 @@ class BatchedPerturbation:
         e = self.space.member_dense(self.noise, i, generation, uniq)
         if where is not None:
             e = e[where.to(e.device)]
+        if all(s == 1.0 for _, s in members):  # rows given as they are (the flat strategies' deltas)
+            return e
         scale = torch.tensor([s for _, s in members], dtype=e.dtype, device=e.device)
         return e.mul_(scale.view(-1, *([1] * (e.dim() - 1))))
 
@@ -613,6 +630,22 @@ class BatchedPerturbation:
             o.add_(db)
         return out
 
+    def _linear_members(self, mod: nn.Linear, x_in: torch.Tensor) -> torch.Tensor:
+        """``replace=True``: each member's rows through its own weight and bias, one ``baddbmm``."""
+        idx_of = self.space.index_of
+        x = self._grouped(x_in).flatten(1, -2)
+        wi = idx_of.get(id(mod.weight))
+        bi = idx_of.get(id(mod.bias)) if mod.bias is not None else None
+        w = self._dense(wi) if wi is not None else mod.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
+        w = w.to(x.dtype).transpose(1, 2)
+        if bi is not None:
+            out = torch.baddbmm(self._dense(bi).unsqueeze(1).to(x.dtype), x, w)
+        elif mod.bias is not None:
+            out = torch.baddbmm(mod.bias.to(x.dtype), x, w)
+        else:
+            out = torch.bmm(x, w)
+        return out.reshape(*x_in.shape[:-1], out.shape[-1])
+
     def _linear_traced(self, mod: nn.Linear, x_in: torch.Tensor) -> torch.Tensor:
         """:meth:`_linear` without in-place updates, for the compiler: ``x W^T + b`` plus each
         member's ``(x B_i) A_i^T`` (and bias noise) as plain expressions it can fuse with what follows."""
@@ -644,6 +677,13 @@ class BatchedPerturbation:
             return out
         return (out.reshape(shape) + extra).reshape(out.shape)
 
+    def _embedding_members(self, mod: nn.Embedding, ids_in: torch.Tensor) -> torch.Tensor:
+        """``replace=True``: each member's rows looked up in its own table."""
+        table = self._dense(self.space.index_of[id(mod.weight)])
+        ids = self._grouped(ids_in).flatten(1)
+        rows = torch.gather(table, 1, ids.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+        return rows.reshape(*ids_in.shape, table.shape[-1]).to(mod.weight.dtype)
+
     def _embedding(self, mod: nn.Embedding, ids_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         wi = self.space.index_of.get(id(mod.weight))
         ids = self._grouped(ids_in).flatten(1)
@@ -674,7 +714,8 @@ class BatchedPerturbation:
         def affine(base: torch.Tensor | None, i: int | None) -> torch.Tensor | None:
             if base is None or i is None:
                 return None if base is None else base.to(g.dtype)
-            return base.to(g.dtype) + self._dense(i).to(g.dtype).view(member_shape)
+            own = self._dense(i).to(g.dtype).view(member_shape)
+            return own if self.replace else base.to(g.dtype) + own
 
         w, b = affine(weight, wi), affine(bias, bi)
         if w is None:
@@ -691,17 +732,20 @@ class BatchedPerturbation:
         def wrapper(x: torch.Tensor, *args, **kwargs):
             live = self._live
             if live.selected is not None:  # already inside another layer's per-member loop
-                params = {name: p + self._dense(idx_of[id(p)])[0].to(p.dtype) for name, p in own}
-                return call(params, x, args, kwargs)
+                return call(member_params(), x, args, kwargs)
             outs = []
             for m, chunk in enumerate(self._grouped(x)):
                 live.selected = m
                 try:
-                    params = {name: p + self._dense(idx_of[id(p)])[0].to(p.dtype) for name, p in own}
+                    params = member_params()
                     outs.append(call(params, chunk, args, kwargs))
                 finally:
                     live.selected = None
             return torch.cat(outs)
+
+        def member_params() -> dict[str, torch.Tensor]:
+            values = {name: self._dense(idx_of[id(p)])[0].to(p.dtype) for name, p in own}
+            return values if self.replace else {name: p + values[name] for name, p in own}
 
         def call(params: dict, x: torch.Tensor, args: tuple, kwargs: dict):
             # functional_call goes through mod.forward: point it at the original meanwhile
@@ -748,6 +792,12 @@ class BatchedPerturbation:
             elif compiled:
                 patched.append((m, m.forward))
                 m.forward = self._population_forward(m)
+            elif self.replace and isinstance(m, (nn.Linear, nn.Embedding)):
+                patched.append((m, m.forward))
+                if isinstance(m, nn.Linear):
+                    m.forward = lambda x, m=m: self._linear_members(m, x)
+                else:
+                    m.forward = lambda ids, m=m: self._embedding_members(m, ids)
             elif isinstance(m, nn.Linear):
                 handles.append(
                     m.register_forward_hook(lambda mod, args, out: self._linear(mod, args[0], out))

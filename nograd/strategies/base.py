@@ -8,6 +8,12 @@ of the samples) without keeping a ``popsize x dim`` matrix alive for large ``dim
 ``popsize * dim <= cache_elements`` the generation's samples are cached instead (pure speed-up: the
 numbers are the same).
 
+The distribution's state (mean, step sizes, paths, covariance factors) is float64. The samples and
+candidates are float64 too by default; a strategy with ``float32_samples`` driving float32 weights
+may set ``sample_dtype = torch.float32`` (the module adapter does), so the population-sized work (drawing, the
+candidates, the weighted sums over members) runs in float32 and only the per-dimension results
+are accumulated into the float64 state.
+
 Conventions: fitness values are **losses, lower is better** (as in pycma). NaN/inf losses are
 ranked worst and counted in ``nonfinite``; a generation in which every loss is non-finite raises
 :class:`nograd.core.shaping.NonFiniteFitnessError` and leaves the state untouched.
@@ -95,6 +101,10 @@ class Strategy:
     #: rows regenerated at once when summing over members without the cache
     chunk_elements: ClassVar[int] = 1 << 22
     min_popsize: ClassVar[int] = 2
+    #: dtype of the samples and candidates (population-sized); the state stays float64
+    sample_dtype: torch.dtype = F64
+    #: whether the strategy's equations hold with float32 samples (the population-sized work only)
+    float32_samples: ClassVar[bool] = False
     _common_keys: ClassVar[tuple[str, ...]] = (
         "seed",
         "generation",
@@ -184,7 +194,7 @@ class Strategy:
         if not ids:
             return torch.empty(0, n, dtype=F64)
         z = self.noise.members((n,), generation=self.generation, members=ids, index=index)
-        return z.to(F64)
+        return z.to(self.sample_dtype)
 
     @property
     def _n_noise(self) -> int:
@@ -195,11 +205,14 @@ class Strategy:
         """Standard-normal samples ``z`` ``(k, dim)`` of the current generation for noise ids ``members``.
 
         Row ``j`` equals ``SeededNoise(seed).full((dim,), generation=generation, member=members[j],
-        index=0)`` (float32 draws cast to float64); taken from the generation cache when it is on.
+        index=0)`` (float32 draws cast to :attr:`sample_dtype`); taken from the generation cache when
+        it is on. All the members in order return the cache itself: read it, do not write it.
         """
         ids = list(range(self._n_noise)) if members is None else [int(m) for m in members]
         cache = self._cached()
         if cache is not None:
+            if ids == list(range(self._n_noise)):
+                return cache
             return cache[torch.as_tensor(ids, dtype=torch.long)]
         return self._draw_members(ids)
 
@@ -223,10 +236,21 @@ class Strategy:
         over the noise ids ``ids``, regenerating at most ``chunk_elements`` numbers at a time."""
         s1 = torch.zeros(self.dim, dtype=F64)
         s2 = torch.zeros(self.dim, dtype=F64)
-        for sl, z in self._chunks(ids):
-            s1 += weights[sl] @ z
+        cache = self._cached()
+        if cache is not None and len(set(ids)) == len(ids):
+            # weights scattered to the members' rows: the cache is read in place, not gathered
+            where = torch.as_tensor(list(ids), dtype=torch.long)
+            w = torch.zeros(self._n_noise, dtype=cache.dtype).index_copy_(0, where, weights.to(cache.dtype))
+            s1 += (w @ cache).to(F64)
             if square_weights is not None:
-                s2 += square_weights[sl] @ z.square()
+                v = torch.zeros(self._n_noise, dtype=cache.dtype)
+                v.index_copy_(0, where, square_weights.to(cache.dtype))
+                s2 += (v @ cache.square()).to(F64)
+            return s1, s2
+        for sl, z in self._chunks(ids):
+            s1 += (weights[sl].to(z.dtype) @ z).to(F64)
+            if square_weights is not None:
+                s2 += (square_weights[sl].to(z.dtype) @ z.square()).to(F64)
         return s1, s2
 
     # ------------------------------------------------------------------ ask / tell
@@ -266,7 +290,7 @@ class Strategy:
             )
         self._update(clean, order)
         if new_best:
-            self.best_x, self.best_f = x_best, f_best
+            self.best_x, self.best_f = x_best.to(F64), f_best
         self.nonfinite += n_bad
         self.evaluations += self.popsize
         self.fbest_history.append(f_best)

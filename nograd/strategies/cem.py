@@ -52,6 +52,7 @@ class CEM(DiagonalStd, Strategy):
     """
 
     name = "cem"
+    float32_samples = True
     _state_keys = ("stdev", "n_elite", "smoothing", "extra_noise", "extra_noise_decay", "min_stdev")
     min_popsize = 3
 
@@ -80,7 +81,8 @@ class CEM(DiagonalStd, Strategy):
         self.min_stdev = _check_range("min_stdev", min_stdev, 0.0, math.inf)
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
-        return torch.addcmul(self.mean, self.stdev, self.standard_normal(members))
+        z = self.standard_normal(members)
+        return torch.addcmul(self.mean.to(z.dtype), self.stdev.to(z.dtype), z)
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         elites = order[: self.n_elite].tolist()

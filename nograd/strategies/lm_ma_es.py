@@ -57,6 +57,7 @@ class LMMAES(Strategy):
     """
 
     name = "lm-ma-es"
+    float32_samples = True
     _state_keys = ("M", "p_sigma", "weights", "mu", "mu_w", "c_sigma", "c_d", "c_c")
 
     def __init__(
@@ -105,8 +106,9 @@ class LMMAES(Strategy):
         if used == 0:
             return z.clone()
         M, system, rhs_scale, tail, scale = self._transform_system()
-        beta = torch.linalg.solve_triangular(system, rhs_scale.unsqueeze(1) * (M @ z.T), upper=False)
-        return torch.addmm(z, (tail.unsqueeze(1) * beta).T, M, beta=scale)
+        m = M.to(z.dtype)  # float32 samples: the k x J x n products in float32, the J x J solve in float64
+        beta = torch.linalg.solve_triangular(system, rhs_scale.unsqueeze(1) * (m @ z.T).to(F64), upper=False)
+        return torch.addmm(z, (tail.unsqueeze(1) * beta).T.to(z.dtype), m, beta=scale)
 
     def _transform_system(self) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
         """Per-generation constants of :meth:`transform` (cached: ``M`` is fixed within a generation).
@@ -143,7 +145,8 @@ class LMMAES(Strategy):
         return value
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
-        return self.transform(self.standard_normal(members)).mul_(self.sigma).add_(self.mean)
+        z = self.standard_normal(members)
+        return self.transform(z).mul_(self.sigma).add_(self.mean.to(z.dtype))
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         n, cs = self.dim, self.c_sigma

@@ -10,8 +10,15 @@ into views of each tensor's shape. Each generation:
     strategy.tell(L)                     (the strategy's own update equations)
     model <- strategy.mean               (the distribution mean; the GA's elite)
 
-Two ways to evaluate members (``mode="auto"``, the default, picks vmap on CUDA, loop on CPU):
+Three ways to evaluate members (``mode="auto"``, the default, picks batched when the population's
+candidates fit in ``batched_bytes``, else vmap on CUDA and loop on CPU):
 
+* ``mode="batched"``: the whole population in ONE forward on the batched engine
+  (:class:`~nograd.core.engine.BatchedPerturbation` with ``replace=True``), its rows
+  member-major: each linear layer runs one ``baddbmm`` over the members' own weights, read in
+  place as views of the ``(P, dim)`` candidate matrix (float32 for float32 weights), and norm
+  layers apply the members' affines. Costs that matrix and ``P`` times the activations; the
+  forward is then inference of ``P`` distinct copies.
 * ``mode="vmap"``: ``chunk_size`` members at once in ONE vectorised forward, ``torch.vmap`` over
   ``torch.func.functional_call`` with the chunk's parameters stacked ``(k, *shape)``; every
   member sees the same batch. Costs ``k`` copies of the parameters and ``k`` times the
@@ -48,12 +55,14 @@ from torch import nn
 from torch.func import functional_call
 
 from ..core.distributed import Collective
-from ..core.engine import ParamSpace
+from ..core.engine import BatchedPerturbation, ParamSpace
 from . import ASK_TELL
 from .base import Strategy
 from .ga import GA
+from .module_es import batch_rows, repeat_rows
 
-MODES = ("auto", "vmap", "loop")
+MODES = ("auto", "batched", "vmap", "loop")
+BATCHED_BYTES = 1 << 30  # mode="auto" evaluates batched while the population fits in this
 STRATEGIES: dict[str, type[Strategy]] = {**ASK_TELL, "ga": GA}
 """Ask/tell strategies the adapter can build by name."""
 
@@ -70,6 +79,28 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, *batch)
 
 
+class _MemberRows:
+    """The candidates ``(k, dim)`` served to the batched engine (``replace=True``) as the members'
+    tensors: rows ``members`` of tensor ``index``'s columns, as views (no copy) on its device."""
+
+    def __init__(
+        self, candidates: torch.Tensor, sizes: Sequence[int], tensors: Sequence[torch.Tensor]
+    ) -> None:
+        self.candidates = candidates.to(tensors[0].device)
+        self.offsets = [0]
+        for n in sizes:
+            self.offsets.append(self.offsets[-1] + n)
+
+    def members(
+        self, shape: torch.Size, *, generation: int, members: Sequence[int], index: int, device: Any = None
+    ) -> torch.Tensor:
+        cols = self.candidates[:, self.offsets[index] : self.offsets[index + 1]]
+        ids = list(members)
+        if ids != list(range(cols.shape[0])):
+            cols = cols[torch.as_tensor(ids, dtype=torch.long, device=cols.device)]
+        return cols.unflatten(1, tuple(shape)) if len(shape) else cols.view(len(ids))
+
+
 class ModuleAdapter:
     """Drive a flat ask/tell :class:`~nograd.strategies.base.Strategy` on a module's parameters.
 
@@ -79,8 +110,9 @@ class ModuleAdapter:
             ``dim`` equals the number of trainable parameters.
         sigma, popsize, seed: passed to the strategy when it is built here (``x0`` = the model's
             current weights); ``**strategy_kwargs`` are the strategy's own hyperparameters.
-        mode: ``"vmap"`` (chunks of members in one vectorised forward), ``"loop"`` (one by one),
-            or ``"auto"``: vmap when the parameters are on CUDA, else loop.
+        mode: ``"batched"`` (the population in one forward on the batched engine), ``"vmap"``
+            (chunks of members in one vectorised forward), ``"loop"`` (one by one), or ``"auto"``:
+            batched when the candidates fit in ``batched_bytes``, else vmap on CUDA and loop on CPU.
         chunk_size: members per vectorised forward in vmap mode (``None``: the whole population).
         cache_elements: let the strategy cache a generation's samples when ``popsize x dim`` is at
             most this many numbers (float64; the default 2^25 is 256 MiB); ``None`` keeps the
@@ -102,6 +134,7 @@ class ModuleAdapter:
         chunk_size: int | None = None,
         cache_elements: int | None = 1 << 25,
         process_group: Any = None,
+        batched_bytes: int = BATCHED_BYTES,
         **strategy_kwargs: Any,
     ) -> None:
         if mode not in MODES:
@@ -137,9 +170,18 @@ class ModuleAdapter:
             # let the strategy keep a generation's standard-normal samples (popsize x dim float64)
             # when they fit, instead of regenerating them in tell(): same numbers, less time
             self.strategy.cache_elements = max(type(self.strategy).cache_elements, int(cache_elements))
+        # float64 where it matters: the distribution's state; the population-sized samples in
+        # float32 when the weights are (they are cast to them anyway)
+        if type(self.strategy).float32_samples and all(p.dtype != torch.float64 for p in self.space.tensors):
+            self.strategy.sample_dtype = torch.float32
         if mode == "auto":
-            mode = "vmap" if self.space.tensors[0].device.type == "cuda" else "loop"
+            delta_bytes = self.strategy.popsize * self.dim * self.strategy.sample_dtype.itemsize
+            if delta_bytes <= batched_bytes:
+                mode = "batched"
+            else:
+                mode = "vmap" if self.space.tensors[0].device.type == "cuda" else "loop"
         self.mode = mode
+        self._engine: BatchedPerturbation | None = None
         self.chunk_size = chunk_size
         self.last_info: dict[str, float] = {}
         self.collective = Collective(process_group)
@@ -186,6 +228,8 @@ class ModuleAdapter:
     def _evaluate(
         self, loss_fn: Callable[..., torch.Tensor], batch: Sequence[Any], members: range
     ) -> torch.Tensor:
+        if self.mode == "batched":
+            return self._evaluate_batched(loss_fn, batch, members)
         if self.mode == "loop":
             out = torch.empty(len(members), dtype=torch.float64)
             try:
@@ -210,6 +254,27 @@ class ModuleAdapter:
                 stacked = self._candidates(ids)
                 losses.append(batched(self._params(stacked)).double().cpu())
         return torch.cat(losses)
+
+    def _evaluate_batched(
+        self, loss_fn: Callable[..., torch.Tensor], batch: Sequence[Any], members: range
+    ) -> torch.Tensor:
+        """All of ``members`` in one forward, each layer reading the members' own weights."""
+        if not len(members):
+            return torch.empty(0, dtype=torch.float64)
+        rows = _MemberRows(self._candidates(members), self.sizes, self.space.tensors)
+        if self._engine is None:
+            self._engine = BatchedPerturbation(self.model, self.space, rows, replace=True)
+        self._engine.noise = rows
+        b = batch_rows(batch)
+        with self._engine.apply(self.strategy.generation, [(j, 1.0) for j in range(len(members))]):
+            per_row = loss_fn(self.model, *repeat_rows(batch, len(members)))
+        per_row = torch.as_tensor(per_row).detach()
+        if per_row.numel() != len(members) * b:
+            raise ValueError(
+                f"loss_fn must return one loss per row ({len(members) * b} for {len(members)} members x "
+                f"{b} rows), got shape {tuple(per_row.shape)}"
+            )
+        return per_row.double().reshape(len(members), b).mean(1).cpu()
 
     def _candidates(self, ids: range) -> torch.Tensor:
         """Candidates ``(len(ids), dim)``: through the strategy's vectorised ``_candidates`` hook

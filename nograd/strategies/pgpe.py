@@ -63,6 +63,7 @@ class PGPE(DiagonalStd, Strategy):
     """
 
     name = "pgpe"
+    float32_samples = True
     _state_keys = ("stdev", "velocity", "max_speed", "step_size", "momentum", "stdev_lr", "stdev_max_change")
 
     def __init__(
@@ -109,8 +110,8 @@ class PGPE(DiagonalStd, Strategy):
     def _candidates(self, members: Sequence[int]) -> Tensor:
         pairs = [mirrored(int(i)) for i in members]
         z = self.standard_normal([k for k, _ in pairs])
-        signs = torch.tensor([s for _, s in pairs], dtype=F64).unsqueeze(1)
-        return self.mean + signs * (self.stdev * z)
+        signs = torch.tensor([s for _, s in pairs], dtype=z.dtype).unsqueeze(1)
+        return torch.addcmul(self.mean.to(z.dtype), signs, z * self.stdev.to(z.dtype))
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         u = centered_ranks(losses)

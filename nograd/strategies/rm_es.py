@@ -63,6 +63,7 @@ class RmES(Strategy):
     """
 
     name = "rm-es"
+    float32_samples = True
     _state_keys = (
         "P",
         "t_hat",
@@ -133,7 +134,7 @@ class RmES(Strategy):
     def path_scalars(self, members: Sequence[int] | None = None) -> Tensor:
         """The scalars ``r_{k,i}`` ``(k, m)`` of the current generation."""
         if self._r_cache is None or self._r_cache[0] != self.generation:
-            r = self._draw_members(range(self.popsize), index=1, size=self.paths)
+            r = self._draw_members(range(self.popsize), index=1, size=self.paths).to(F64)
             self._r_cache = (self.generation, r)
         r = self._r_cache[1]
         return r if members is None else r[torch.as_tensor(list(members), dtype=torch.long)]
@@ -141,12 +142,12 @@ class RmES(Strategy):
     def _step(self, z: Tensor, r: Tensor) -> Tensor:
         """``a^m z + b Σ_i a^{m-i} r_i P_i`` for rows of ``z`` ``(k, n)`` and ``r`` ``(k, m)``."""
         a_m = math.sqrt(1 - self.c_cov) ** self.paths
-        return torch.addmm(z, r * self._path_coefficients(), self.P, beta=a_m)
+        return torch.addmm(z, (r * self._path_coefficients()).to(z.dtype), self.P.to(z.dtype), beta=a_m)
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
         members = list(members)
-        step = self._step(self.standard_normal(members), self.path_scalars(members))
-        return step.mul_(self.sigma).add_(self.mean)
+        z = self.standard_normal(members)
+        return self._step(z, self.path_scalars(members)).mul_(self.sigma).add_(self.mean.to(z.dtype))
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         selected = order[: self.mu]

@@ -54,6 +54,7 @@ class SNES(DiagonalStd, Strategy):
     """
 
     name = "snes"
+    float32_samples = True
     _state_keys = ("stdev", "utilities", "eta_mu", "eta_sigma")
 
     def __init__(
@@ -75,7 +76,8 @@ class SNES(DiagonalStd, Strategy):
         self.utilities: Tensor = snes_utilities(self.popsize)
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
-        return torch.addcmul(self.mean, self.stdev, self.standard_normal(members))
+        z = self.standard_normal(members)
+        return torch.addcmul(self.mean.to(z.dtype), self.stdev.to(z.dtype), z)
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         u = self.utilities  # u[k] belongs to member order[k]

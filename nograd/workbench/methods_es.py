@@ -9,8 +9,9 @@ Registered names and what they run (``forward_tokens = population x B x T`` per 
   antithetic noise, centered ranks, same outer optimizer.
 * ``sep-cma``, ``lm-ma-es``, ``rm-es``, ``snes``, ``pgpe``, ``cem``, ``cma``, ``ga`` - a flat
   ask/tell strategy on all trainable weights through
-  :class:`~nograd.strategies.module_adapter.ModuleAdapter` (members one by one on CPU, vmapped
-  chunks on CUDA; ``--opt mode=vmap|loop``). These
+  :class:`~nograd.strategies.module_adapter.ModuleAdapter` (the population in one batched forward
+  over the members' own weights while it fits in memory, else one by one on CPU and vmapped
+  chunks on CUDA; ``--opt mode=batched|vmap|loop``). These
   adapt their own step sizes: ``--lr`` and its schedule are not used. Full ``cma`` only fits tiny
   models (dim <= 2000).
 * ``nres`` - :class:`~nograd.strategies.nres.NRES` (Li et al. 2023). The GPT has no recurrent
