@@ -42,6 +42,7 @@ from torch import nn
 
 from nograd.bench import BenchArgumentParser
 from nograd.bench.timing import interleaved_medians
+from nograd.core.noise import SeededNoise
 from nograd.strategies.eggroll import EGGROLL
 from nograd.strategies.module_adapter import ModuleAdapter
 from nograd.strategies.openai_es import OpenAIES
@@ -99,6 +100,18 @@ def population_write_seconds(population: int, dim: int, repeats: int) -> float:
     """Median seconds of one write of a ``population x dim`` float32 matrix (memory kept between)."""
     buf = torch.empty(population, dim)
     return interleaved_medians({"write": lambda: buf.fill_(1.0)}, repeats=max(repeats, 3), warmup=1)["write"]
+
+
+def draw_seconds(noise: str, population: int, dim: int, repeats: int) -> float:
+    """Median seconds to draw ``population`` dense directions of ``dim`` numbers with ``noise``."""
+    gen = SeededNoise(0, noise)
+    state = {"generation": 0}
+
+    def draw() -> None:
+        state["generation"] += 1
+        gen.members((dim,), generation=state["generation"], members=range(population), index=0)
+
+    return interleaved_medians({"draw": draw}, repeats=max(repeats, 3), warmup=1)["draw"]
 
 
 def _label(name: str, noise: str) -> str:
@@ -200,6 +213,7 @@ def run(args: list[str]) -> dict:
     med = interleaved_medians(timed, repeats=a.repeats, warmup=1)
     ref_s = sorted(v for k, v in med.items() if k.startswith("ref"))[len(fns) // 2] if fns else float("nan")
     write_s = population_write_seconds(a.population, dim, a.repeats)
+    draws = {n: draw_seconds(n, a.population, dim, a.repeats) for n in noises}
     out: dict = {
         "model": f"MLP {IN_OUT}-{h}-{h}-{IN_OUT}",
         "dim": dim,
@@ -213,6 +227,8 @@ def run(args: list[str]) -> dict:
         # plus one write of the P x d float32 population
         "population_write_seconds": write_s,
         "floor_ratio": (ref_s + write_s) / ref_s,
+        # drawing the P x d numbers a dense strategy samples, per noise kind, in reference passes
+        "draw_ratio": {n: t / ref_s for n, t in draws.items()},
         "strategies": {},
         "skipped": {n: SKIPPED[n] for n in names if n in SKIPPED},
     }
