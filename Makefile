@@ -22,19 +22,25 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 # The main job: a char GPT trained on Tiny Shakespeare by EGGROLL, forward passes only, with the
-# best settings found so far (BENCHMARKS.md): a 1-layer, 32-wide GPT, population 256, rank-1
-# perturbations in one batched forward per generation, Adam lr 3e-3 on a cosine over 15500 steps
-# (what fits in 30 minutes on this 2-core CPU with both threads). The demo is the first
-# DEMO_MINUTES of that run; `make demo DEMO_MINUTES=30` is the whole best 30-minute run of
-# BENCHMARKS.md. It ends with a text sample and $(DEMO_OUT)/loss.png. `make demo-adamw` runs the
-# gradient baseline on nanoGPT's "baby" settings for comparison.
+# best settings found so far (BENCHMARKS.md, "Below the trigram"): a 1-layer, 32-wide GPT,
+# population 256, rank-1 perturbations in one batched forward per generation, Adam lr 3e-3 on a
+# cosine that ends with the budget (DEMO_GENS_PER_MINUTE generations a minute: what one thread
+# ran with --compile in the long run of BENCHMARKS.md), a text sample every DEMO_SAMPLE_EVERY
+# generations in $(DEMO_OUT)/samples.jsonl. Runs of 10 minutes or more compile the population
+# forward (--compile: about 3-40 s once, then faster generations). `make demo DEMO_MINUTES=110`
+# is the longest run of BENCHMARKS.md (there with --threads 1). It ends with a text sample and
+# $(DEMO_OUT)/loss.png. `make demo-adamw` runs the gradient baseline on nanoGPT's "baby" settings.
 DEMO_MINUTES ?= 3
+DEMO_GENS_PER_MINUTE ?= 840
+DEMO_SAMPLE_EVERY ?= 5000
+DEMO_COMPILE = $(if $(shell test $(DEMO_MINUTES) -ge 10 2>/dev/null && echo yes),--compile)
 demo: install
-	$(VENV)/bin/nograd train --task shakespeare-char --optimizer eggroll --threads 2 \
+	$(VENV)/bin/nograd train --task shakespeare-char --optimizer eggroll --threads 2 $(DEMO_COMPILE) \
 		--n-layer 1 --n-head 4 --n-embd 32 --block-size 32 --batch-size 8 \
-		--population 256 --rank 1 --sigma 0.01 --lr 3e-3 --warmup 10 --lr-decay-steps 15500 \
-		--steps 1000000 --budget-minutes $(DEMO_MINUTES) --eval-every 25 --out $(DEMO_OUT) \
-		$(if $(DATA),--data $(DATA))
+		--population 256 --rank 1 --sigma 0.01 --lr 3e-3 --warmup 10 \
+		--lr-decay-steps $$(( $(DEMO_MINUTES) * $(DEMO_GENS_PER_MINUTE) )) \
+		--steps 1000000 --budget-minutes $(DEMO_MINUTES) --eval-every 100 --sample-every $(DEMO_SAMPLE_EVERY) \
+		--out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
 
 demo-adamw: install
 	$(VENV)/bin/nograd train --task shakespeare-char --optimizer adamw \

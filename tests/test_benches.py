@@ -20,6 +20,15 @@ def test_throughput_bench_reports_ratios() -> None:
     assert out["ratio"] == out["models"]["gpt"]["ratio"]
 
 
+def test_es_bench_reports_each_strategy_with_the_floor_and_the_draws() -> None:
+    argv = ["--dim", "3000", "--population", "8", "--repeats", "1", "--strategies", "snes,rm-es", "--table"]
+    out = get("es")([*argv, "--threads", "1"])
+    assert set(out["strategies"]) == {"snes", "snes (gaussian-table)", "rm-es", "rm-es (gaussian-table)"}
+    assert out["floor_ratio"] > 1.0 and set(out["draw_ratio"]) == {"gaussian", "gaussian-table"}
+    for r in out["strategies"].values():
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0
+
+
 def test_memory_bench_counts_the_noise_table() -> None:
     # weights of 50 MB, so that one forward rises clearly above the peak RSS of the imports
     argv = ["--n-layer", "4", "--n-head", "4", "--n-embd", "512", "--block-size", "16", "--batch-size", "2"]

@@ -49,6 +49,21 @@ def test_orthogonal_factors_are_orthogonal_keep_their_norms_and_do_not_depend_on
     torch.testing.assert_close(fresh.lowrank_members(8, 5, 2, generation=4, members=[5], index=1)[0], a[[5]])
 
 
+def test_shaped_noise_survives_a_pickle_with_its_scales_and_guides():
+    import pickle
+
+    noise = ShapedNoise(2, directions=6, orthogonal=True, guided=2)
+    noise.scales[0] = 1.5
+    noise.guides[0] = (torch.linalg.qr(torch.randn(5, 2)).Q,)
+    copy_ = pickle.loads(pickle.dumps(noise))
+    for n in (noise, copy_):
+        assert n.shapes(0) and n.guided_from == 4
+    torch.testing.assert_close(
+        copy_.members((5,), generation=3, members=range(6), index=0),
+        noise.members((5,), generation=3, members=range(6), index=0),
+    )
+
+
 def test_orthogonal_dense_directions_and_their_marginal_is_still_standard_gaussian():
     noise = ShapedNoise(0, directions=16, orthogonal=True)
     z = noise.members((16,), generation=0, members=range(16), index=0)
