@@ -243,3 +243,27 @@ def test_bad_sampling_options_are_one_line_usage_errors(opts, message):
     cfg = TrainConfig(optimizer="eggroll", lr=1e-2, population=16, seed=0, opts=opts)
     with pytest.raises(UsageError, match=message):
         get_method("eggroll").build(gpt(), per_example_loss, cfg)
+
+
+def test_a_checkpointed_training_run_with_all_three_resumes_exactly(tmp_path):
+    """Through the trainer's checkpoint file (the scales and the guides' history inside it)."""
+    from dataclasses import replace
+
+    from _foundation import tiny_config
+
+    from nograd.workbench import train
+    from nograd.workbench.checkpoint import load_checkpoint
+
+    one = tiny_config(
+        tmp_path, optimizer="eggroll", population=16, out=str(tmp_path / "one"), opts=dict(ALL_THREE)
+    )
+    train(one)
+    two = replace(one, out=str(tmp_path / "two"), steps=3, lr_decay_steps=6)
+    train(two)
+    train(replace(two, steps=6, resume="auto"))
+    a, b = (
+        load_checkpoint(tmp_path / "one" / "checkpoint.pt"),
+        load_checkpoint(tmp_path / "two" / "checkpoint.pt"),
+    )
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -418,16 +418,14 @@ class ModuleES:
         if self.sampling.sigma_lr:
             step = self.sampling.sigma_lr * self._scale_gradient(utilities, scales)
             self.log_scales = (self.log_scales - step).clamp(-LOG_SCALE_BOUND, LOG_SCALE_BOUND)
+        keep = self.sampling.guide_history
         with torch.no_grad():
             for i, p in enumerate(self.space.tensors):
-                if (
-                    scales[i] != 1.0
-                ):  # accumulate rebuilt alpha_i * sum c E; the estimate is sum c E / alpha_i
+                # accumulate rebuilt alpha_i sum c E from the scaled draws; the estimate is sum c E / alpha_i
+                if scales[i] != 1.0:
                     p.grad.div_(scales[i] ** 2)
                 if self._guided_dirs:
-                    self.history[i] = [*self.history[i], p.grad.detach().float().clone()][
-                        -self.sampling.guide_history :
-                    ]
+                    self.history[i] = [*self.history[i], p.grad.detach().float().clone()][-keep:]
         self._share_shaping(self.noise)
 
     def _scale_gradient(self, utilities: torch.Tensor, scales: list[float]) -> torch.Tensor:
@@ -441,19 +439,13 @@ class ModuleES:
         out = torch.zeros(len(self.space), dtype=torch.float64)
         with torch.no_grad():
             for i, p in enumerate(self.space.tensors):
-                if self.space.lowrank[i]:
+                if self.space.lowrank[i]:  # ||A B^T||^2 = tr(A^T A B^T B)
                     a, b = self.space.member_factors(self.noise, i, self.generation, unique)
-                    gram = torch.bmm(a.transpose(1, 2), a) * torch.bmm(
-                        b.transpose(1, 2), b
-                    )  # tr(A^T A B^T B)
+                    gram = torch.bmm(a.transpose(1, 2), a) * torch.bmm(b.transpose(1, 2), b)
                     sq = gram.sum((1, 2)) / self.rank
                 else:
-                    sq = (
-                        self.space.member_dense(self.noise, i, self.generation, unique)
-                        .flatten(1)
-                        .pow(2)
-                        .sum(1)
-                    )
+                    e = self.space.member_dense(self.noise, i, self.generation, unique)
+                    sq = e.flatten(1).pow(2).sum(1)
                 q = sq.double() / (p.numel() * scales[i] ** 2)
                 out[i] = (u_per_dir * (q - 1.0)).sum() / self.population
         return out
