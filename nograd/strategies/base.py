@@ -42,6 +42,7 @@ __all__ = ["DiagonalStd", "Strategy", "default_popsize", "expected_norm", "log_w
 
 Tensor = torch.Tensor
 F64 = torch.float64
+FUSED_ELEMENTS = 1 << 19  # samples squared at once in the weighted sums (2 MB of float32: in cache)
 
 
 def default_popsize(dim: int) -> int:
@@ -241,12 +242,19 @@ class Strategy:
             # weights scattered to the members' rows: the cache is read in place, not gathered
             where = torch.as_tensor(list(ids), dtype=torch.long)
             w = torch.zeros(self._n_noise, dtype=cache.dtype).index_copy_(0, where, weights.to(cache.dtype))
-            s1 += (w @ cache).to(F64)
-            if square_weights is not None:
-                v = torch.zeros(self._n_noise, dtype=cache.dtype)
-                v.index_copy_(0, where, square_weights.to(cache.dtype))
-                s2 += (v @ cache.square()).to(F64)
-            return s1, s2
+            if square_weights is None:
+                return s1.add_(w @ cache), s2
+            v = torch.zeros(self._n_noise, dtype=cache.dtype).index_copy_(
+                0, where, square_weights.to(cache.dtype)
+            )
+            # both sums from one read of the samples: a few rows at a time, squared while in cache
+            t1, t2 = torch.zeros(self.dim, dtype=cache.dtype), torch.zeros(self.dim, dtype=cache.dtype)
+            rows = max(1, FUSED_ELEMENTS // self.dim)
+            for i in range(0, self._n_noise, rows):
+                block = cache[i : i + rows]
+                t1.addmv_(block.T, w[i : i + rows])
+                t2.addmv_(block.square().T, v[i : i + rows])
+            return s1.add_(t1), s2.add_(t2)
         for sl, z in self._chunks(ids):
             s1 += (weights[sl].to(z.dtype) @ z).to(F64)
             if square_weights is not None:
