@@ -216,16 +216,17 @@ def test_antithetic_pairs_are_exact_negatives():
 # ---------------------------------------------------------------- batched population
 @pytest.mark.parametrize("rank", [0, 1, 3])
 @pytest.mark.parametrize("mirrored", [True, False])
-def test_batched_member_equals_materialised(rank: int, mirrored: bool):
+@pytest.mark.parametrize("seqs", [1, 3])  # 5 rows per member, or 15: dense weights written per member
+def test_batched_member_equals_materialised(rank: int, mirrored: bool, seqs: int):
     model = tiny_lm()
     space, noise = ParamSpace(model, rank=rank), SeededNoise(1)
     batched = BatchedPerturbation(model, space, noise)
     assert [type(m).__name__ for m in batched.fallback] == ["Scaled"]
-    x = torch.randint(0, 13, (3, 5))
+    x = torch.randint(0, 13, (seqs, 5))
     # mirrored pairs take the shared-direction path for dense matrices; any other list the general one
     dirs = member_directions(range(6), 0.05) if mirrored else [(0, 0.05), (2, -0.03), (0, -0.05)] * 2
     with batched.apply(4, dirs):
-        out = model(x.repeat(6, 1)).view(6, 3, 5, -1)
+        out = model(x.repeat(6, 1)).view(6, seqs, 5, -1)
     for m, (d, s) in enumerate(dirs):
         ref = materialised(model, space, noise, 4, d, s)(x)
         assert torch.allclose(out[m], ref, atol=1e-5), (m, (out[m] - ref).abs().max())

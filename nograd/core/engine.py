@@ -198,6 +198,8 @@ class ParamSpace:
             flat[start : start + z.numel()].add_(z, alpha=alpha)
 
 
+DENSE_MEMBER_ROWS = 8  # rows per member from which a dense-noise linear layer writes each member's weight
+DENSE_MEMBER_NUMEL = 1 << 26  # ... as long as the members' weights of one layer stay under 256 MB
 DENSE_STACK = 1 << 22  # numbers of stacked dense directions that accumulate holds at once (16 MB)
 
 
@@ -630,16 +632,46 @@ class BatchedPerturbation:
             o.add_(db)
         return out
 
+    def _dense_linear(self, mod: nn.Linear, x_in: torch.Tensor) -> torch.Tensor:
+        """A linear layer whose weight gets dense per-member noise: with several rows per member,
+        each member's weight ``W + s_m E_m`` is written once and the rows go through one
+        ``baddbmm`` (the shared product plus a per-member one would compute every row twice);
+        with few rows, or weights too large to write per member, the shared product and the
+        per-member term of :meth:`_linear`."""
+        members = self._live.count if self._live.selected is None else 1
+        rows = x_in.numel() // max(1, x_in.shape[-1] * members)
+        if rows >= DENSE_MEMBER_ROWS and members * mod.weight.numel() <= DENSE_MEMBER_NUMEL:
+            return self._linear_members(mod, x_in)
+        return self._linear(mod, x_in, F.linear(x_in, mod.weight, mod.bias))
+
+    def _member_weights(self, mod: nn.Linear, wi: int | None, count: int) -> torch.Tensor:
+        """Each member's weight, ``(count, out, in)``: its own values with ``replace=True``, else the
+        module's plus the member's noise (mirrored pairs: ``W + s E_k`` and ``W - s E_k`` from one
+        draw of ``E_k``)."""
+        if wi is None:
+            return mod.weight.unsqueeze(0).expand(count, -1, -1)
+        if self.replace:
+            return self._dense(wi)
+        live = self._live
+        base = mod.weight.to(torch.float32)
+        if live.pair_scale is not None and live.selected is None:
+            e = self._pair_dense(wi)
+            w = torch.empty(e.shape[0], 2, *e.shape[1:], dtype=e.dtype, device=e.device)
+            torch.add(base, e, alpha=live.pair_scale, out=w[:, 0])
+            torch.add(base, e, alpha=-live.pair_scale, out=w[:, 1])
+            return w.flatten(0, 1)
+        return self._dense(wi) + base
+
     def _linear_members(self, mod: nn.Linear, x_in: torch.Tensor) -> torch.Tensor:
-        """``replace=True``: each member's rows through its own weight and bias, one ``baddbmm``."""
+        """Each member's rows through its own weight and bias, one ``baddbmm``."""
         idx_of = self.space.index_of
         x = self._grouped(x_in).flatten(1, -2)
         wi = idx_of.get(id(mod.weight))
         bi = idx_of.get(id(mod.bias)) if mod.bias is not None else None
-        w = self._dense(wi) if wi is not None else mod.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
-        w = w.to(x.dtype).transpose(1, 2)
+        w = self._member_weights(mod, wi, x.shape[0]).to(x.dtype).transpose(1, 2)
         if bi is not None:
-            out = torch.baddbmm(self._dense(bi).unsqueeze(1).to(x.dtype), x, w)
+            bias = self._dense(bi) if self.replace else self._dense(bi) + mod.bias
+            out = torch.baddbmm(bias.unsqueeze(1).to(x.dtype), x, w)
         elif mod.bias is not None:
             out = torch.baddbmm(mod.bias.to(x.dtype), x, w)
         else:
@@ -676,6 +708,11 @@ class BatchedPerturbation:
         if extra is None:
             return out
         return (out.reshape(shape) + extra).reshape(out.shape)
+
+    def _dense_weight(self, mod: nn.Linear) -> bool:
+        """Whether the layer's weight is searched with dense (not low-rank) noise."""
+        wi = self.space.index_of.get(id(mod.weight))
+        return wi is not None and not self.space.lowrank[wi]
 
     def _embedding_members(self, mod: nn.Embedding, ids_in: torch.Tensor) -> torch.Tensor:
         """``replace=True``: each member's rows looked up in its own table."""
@@ -798,6 +835,9 @@ class BatchedPerturbation:
                     m.forward = lambda x, m=m: self._linear_members(m, x)
                 else:
                     m.forward = lambda ids, m=m: self._embedding_members(m, ids)
+            elif isinstance(m, nn.Linear) and self._dense_weight(m):
+                patched.append((m, m.forward))
+                m.forward = lambda x, m=m: self._dense_linear(m, x)
             elif isinstance(m, nn.Linear):
                 handles.append(
                     m.register_forward_hook(lambda mod, args, out: self._linear(mod, args[0], out))
