@@ -36,6 +36,24 @@ def test_ga_genomes_rebuild_members_bit_identically():
     assert torch.equal(ga.genome_to_params(ga.elite), ga.mean)
 
 
+@pytest.mark.parametrize("noise", ["gaussian-table", "gaussian-counter"])
+def test_ga_mutations_from_the_shared_table_or_the_counter_rebuild_bit_identically(noise):
+    from nograd.core.noise import SeededNoise
+
+    ga = GA(torch.linspace(-1, 1, 20), sigma=0.05, popsize=8, seed=3, noise=noise)
+    seed = ga.genome(1)[-1]
+    # the table: the run's one table, at an offset keyed by the mutation's seed; the counter: keyed by it
+    source, member = (
+        (SeededNoise(3, noise), seed) if noise == "gaussian-table" else (SeededNoise(seed, noise), 0)
+    )
+    expected = source.fill_(torch.empty(20), generation=0, member=member, index=0)
+    assert torch.equal(ga.mutation(seed), expected.double())
+    for _ in range(3):
+        pop = ga.ask()
+        assert all(torch.equal(ga.genome_to_params(ga.genome(i)), pop[i]) for i in range(ga.popsize))
+        ga.tell(sphere(pop))
+
+
 def test_ga_elitism_and_truncation_selection():
     ga = GA(torch.ones(10), sigma=0.1, popsize=20, seed=0, truncation=5)
     best = []

@@ -23,6 +23,12 @@ One generation (the paper's Algorithm 1, ``N = popsize``, ``T = truncation``):
 Generation 0 mutates ``theta_0`` (the only parent). Parents' vectors are cached (``T x dim``), so
 creating a member costs one noise draw, not a replay of its chain. ``mean`` holds the elite.
 
+``eps(seed)`` is drawn by a generator seeded with ``seed`` (``noise="gaussian"``), by the
+counter-based Gaussian keyed by it (``"gaussian-counter"``), or read from the run's shared noise
+table at an offset keyed by it (``"gaussian-table"``, as the Deep GA's own implementation shares
+Salimans et al.'s table). Individuals are built in :attr:`sample_dtype` (float32 when the module
+adapter drives float32 weights), and rebuilt in the same dtype, so the rebuild stays bit-identical.
+
 Example:
     >>> import torch
     >>> from nograd.strategies.functions import sphere
@@ -64,6 +70,7 @@ class GA(Strategy):
     """
 
     name: ClassVar[str] = "ga"
+    float32_samples = True
     _state_keys: ClassVar[tuple[str, ...]] = ("parents", "elite")
     min_popsize: ClassVar[int] = 2
 
@@ -90,6 +97,7 @@ class GA(Strategy):
         self.parents: list[list[int]] = [[]]  # chains; generation 0 has theta_0 only
         self.elite: list[int] = []
         self._parent_vecs: list[Tensor] = [self.x0.clone()]
+        self._elite_vec: Tensor = self.mean.clone()  # the elite as built, in the sample dtype
         # rows built this generation (member -> vector) when popsize x dim <= cache_elements
         self._rows: tuple[int, dict[int, Tensor]] = (-1, {})
 
@@ -98,22 +106,28 @@ class GA(Strategy):
 
     # genomes ----------------------------------------------------------------------------
     def _buffers(self) -> tuple[Tensor, Tensor]:
-        return torch.empty(self.dim, dtype=torch.float32), torch.empty(self.dim, dtype=F64)
+        return torch.empty(self.dim, dtype=torch.float32), torch.empty(self.dim, dtype=self.sample_dtype)
+
+    def _draw(self, seed: int, out: Tensor) -> Tensor:
+        """``eps(seed)`` into the float32 ``out`` (see the module docstring for the three kinds)."""
+        if self.noise_kind == "gaussian-table":  # the run's table, at an offset keyed by the seed
+            return self.noise.fill_(out, generation=0, member=int(seed), index=0)
+        return SeededNoise(int(seed), self.noise_kind, threads=1).fill_(out, generation=0, member=0, index=0)
 
     def _mutate_(self, x: Tensor, seed: int, bufs: tuple[Tensor, Tensor]) -> Tensor:
         """``x += sigma * eps(seed)`` in place; the one code path for evaluation and rebuilding."""
-        b32, b64 = bufs
-        SeededNoise(seed, threads=1).fill_(b32, generation=0, member=0, index=0)
-        return x.add_(b64.copy_(b32), alpha=self.sigma)
+        b32, wide = bufs
+        self._draw(seed, b32)
+        return x.add_(b32 if wide.dtype == torch.float32 else wide.copy_(b32), alpha=self.sigma)
 
     def mutation(self, seed: int) -> Tensor:
         """``eps(seed)``: the standard-normal mutation vector of one seed (float32 draws as float64)."""
-        b32 = torch.empty(self.dim, dtype=torch.float32)
-        return SeededNoise(int(seed), threads=1).fill_(b32, generation=0, member=0, index=0).to(F64)
+        return self._draw(seed, torch.empty(self.dim, dtype=torch.float32)).to(F64)
 
     def genome_to_params(self, chain: Sequence[int]) -> Tensor:
-        """Rebuild an individual from ``theta_0`` and its seed chain, bit-identical to evaluation."""
-        x = self.x0.clone()
+        """Rebuild an individual from ``theta_0`` and its seed chain, bit-identical to evaluation
+        (in :attr:`sample_dtype`, as the members are built)."""
+        x = self.x0.to(self.sample_dtype, copy=True)
         bufs = self._buffers()
         for s in chain:
             self._mutate_(x, int(s), bufs)
@@ -143,13 +157,13 @@ class GA(Strategy):
         cache = self._rows if self.popsize * self.dim <= self.cache_elements else None
         if cache is not None and cache[0] != self.generation:
             cache = self._rows = (self.generation, {})
-        out = torch.empty(len(members), self.dim, dtype=F64)
+        out = torch.empty(len(members), self.dim, dtype=self.sample_dtype)
         bufs = self._buffers()
         for row, m in enumerate(members):
             if cache is not None and m in cache[1]:
                 out[row] = cache[1][m]
             elif self._is_elite(m):
-                out[row] = self.mean
+                out[row] = self._elite_vec
             else:
                 # parent + sigma * eps: the same in-place float64 add as genome_to_params
                 out[row] = self._parent_vecs[self._parent_index(m)]
@@ -164,7 +178,8 @@ class GA(Strategy):
         vecs = list(self._candidates(top))
         self.parents, self._parent_vecs = chains, vecs
         self.elite = chains[0]
-        self.mean = vecs[0].clone()
+        self._elite_vec = vecs[0].clone()
+        self.mean = vecs[0].to(F64)
         self._rows = (-1, {})
 
     def _max_std(self) -> float:
@@ -189,4 +204,5 @@ class GA(Strategy):
         self.parents = [list(c) for c in state["parents"]]
         self.elite = list(state["elite"])
         self._parent_vecs = [self.genome_to_params(c) for c in self.parents]
+        self._elite_vec = self.genome_to_params(self.elite)
         self._rows = (-1, {})
