@@ -9,21 +9,18 @@ interleaved and repeated, and the ratio is ``median(strategy) / median(reference
 
 * ``eggroll`` (rank 1) and ``openai-es`` (dense noise) use the batched engine and step an Adam.
 * the flat ask/tell strategies go through the module adapter (``--adapter-mode``: ``auto`` =
-  members one by one on CPU, vmap on CUDA; candidates rebuilt from seeds per chunk); ``ga`` is
-  the Deep GA.
+  the whole population in one batched forward over the members' own weights while it fits;
+  ``loop`` = members one by one); ``ga`` is the Deep GA.
 * full ``cma`` is skipped: it stores a dim x dim covariance (8e10 bytes at dim 1e5).
 * ``--table`` adds each dense strategy again with ``noise="gaussian-table"``, reported as
   ``"NAME (gaussian-table)"``; ``--counter`` likewise with ``noise="gaussian-counter"`` (the
   compiled counter-based Gaussian; its kernel is compiled in the untimed first generation).
 
-Measured on the shared 2-core CPU (dim 100,168, population 128, batch 32, 7 repeats, medians;
-``ratio`` = strategy / reference): with ``--threads 1``: reference 0.022 s; eggroll 1.19,
-openai-es 7.6, pgpe 12.5, cem 14.5, rm-es 15.8, snes 16.2, sep-cma 16.8 (vmap: 19.6),
-lm-ma-es 19.1, ga 10.2. With torch's 2 threads the reference parallelises and the small ops do
-not: eggroll 1.85, openai-es 12.9, others 19.5-28.7. With ``--batch 256`` (1 thread): eggroll 1.29,
-openai-es 2.8, ga 2.5, the adapter strategies 2.8-3.7. Dense-noise strategies pay one Gaussian
-per parameter per member (plus float64 bookkeeping in the flat strategies), which costs more than
-32 rows of forward pass; only low-rank noise stays near inference cost.
+Next to the ratios: ``floor_ratio``, the physical floor of a dense strategy (the reference, which
+reads the ``P x d`` weights once, plus one write of the ``P x d`` float32 population), and
+``draw_ratio``, the time to draw the ``P x d`` numbers with each noise kind, in reference passes
+(a strategy that draws fresh Gaussians cannot go below ``floor_ratio + draw_ratio``). The
+figures measured so far are in BENCHMARKS.md ("Evolution strategies' speed").
 
 Example:
     >>> out = run(["--dim", "2000", "--population", "8", "--repeats", "1", "--strategies", "eggroll"])
