@@ -33,12 +33,13 @@ install: $(VENV)/.installed
 DEMO_MINUTES ?= 3
 DEMO_GENS_PER_MINUTE ?= 840
 DEMO_SAMPLE_EVERY ?= 5000
+DEMO_DECAY_STEPS = $(shell echo $$(( $(DEMO_MINUTES) * $(DEMO_GENS_PER_MINUTE) )))
 DEMO_COMPILE = $(if $(shell test $(DEMO_MINUTES) -ge 10 2>/dev/null && echo yes),--compile)
 demo: install
 	$(VENV)/bin/nograd train --task shakespeare-char --optimizer eggroll --threads 2 $(DEMO_COMPILE) \
 		--n-layer 1 --n-head 4 --n-embd 32 --block-size 32 --batch-size 8 \
 		--population 256 --rank 1 --sigma 0.01 --lr 3e-3 --warmup 10 \
-		--lr-decay-steps $$(( $(DEMO_MINUTES) * $(DEMO_GENS_PER_MINUTE) )) \
+		--lr-decay-steps $(DEMO_DECAY_STEPS) \
 		--steps 1000000 --budget-minutes $(DEMO_MINUTES) --eval-every 100 --sample-every $(DEMO_SAMPLE_EVERY) \
 		--out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
 

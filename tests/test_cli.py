@@ -162,9 +162,16 @@ def _documented_train_commands() -> list[list[str]]:
 
     text = (REPO / "README.md").read_text() + "\n" + (REPO / "Makefile").read_text()
     text = re.sub(r"\\\n\s*", " ", text)  # join continued lines
-    text = (
-        text.replace("$(VENV)/bin/", "").replace("$(DEMO_MINUTES)", "3").replace("$(DEMO_OUT)", "runs/demo")
-    )
+    make_values = {
+        "$(VENV)/bin/": "",
+        "$(DEMO_MINUTES)": "3",
+        "$(DEMO_OUT)": "runs/demo",
+        "$(DEMO_DECAY_STEPS)": "2520",
+        "$(DEMO_SAMPLE_EVERY)": "5000",
+        "$(DEMO_COMPILE)": "--compile",
+    }
+    for name, value in make_values.items():
+        text = text.replace(name, value)
     text = re.sub(r"\$\(if \$\(DATA\),--data \$\(DATA\)\)", "", text)
     commands = []
     for line in text.splitlines():
