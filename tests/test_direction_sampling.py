@@ -235,6 +235,7 @@ def test_each_idea_still_trains():
         ({"guided": "1.5"}, "guided must be a fraction"),
         ({"guided": "0.01"}, "leaves no guided"),
         ({"guide_history": "0"}, "guide_history must be"),
+        ({"guide_history": "100000"}, "guide_history must be"),
         ({"sigma_lr": "-1"}, "sigma_lr must be"),
         ({"sigma_lr": "0.1", "inplace_sgd": "true"}, "need an optimizer"),
     ],

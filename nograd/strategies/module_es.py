@@ -77,6 +77,7 @@ def batch_rows(batch: Sequence[Any]) -> int:
     raise ValueError("the batch holds no tensor with a batch dimension")
 
 
+MAX_GUIDE_HISTORY = 32  # each kept estimate is a copy of the model's trainable tensors
 LOG_SCALE_BOUND = math.log(10.0)  # adapted per-tensor noise scales stay within [sigma / 10, 10 sigma]
 
 
@@ -104,8 +105,11 @@ class DirectionSampling:
     def __post_init__(self) -> None:
         if not 0.0 <= self.guided < 1.0:
             raise ValueError(f"guided must be a fraction in [0, 1), got {self.guided}")
-        if int(self.guide_history) != self.guide_history or self.guide_history < 1:
-            raise ValueError(f"guide_history must be an integer >= 1, got {self.guide_history}")
+        if int(self.guide_history) != self.guide_history or not 1 <= self.guide_history <= MAX_GUIDE_HISTORY:
+            raise ValueError(
+                f"guide_history must be an integer in [1, {MAX_GUIDE_HISTORY}] (estimates kept per tensor), "
+                f"got {self.guide_history}"
+            )
         if not (self.sigma_lr >= 0.0 and math.isfinite(self.sigma_lr)):
             raise ValueError(f"sigma_lr must be finite and >= 0, got {self.sigma_lr}")
 

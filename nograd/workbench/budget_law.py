@@ -210,13 +210,13 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         left.plot([t for t, _ in pts], [v["tokens"] for _, v in pts], "o-", label=label)
         ratio = [(t, v["ratio"]) for t, v in pts if v["ratio"]]
         right.plot([t for t, _ in ratio], [r for _, r in ratio], "o-", label=label)
-    for g in result["gradient"]:
+    for k, g in enumerate(result["gradient"]):
         per_step = next((c for c in result["rows"] if c["d"] == g["d"]), None)
         pts = [(t, per_step["targets"][t]["gradient_tokens"]) for t in targets] if per_step else []
         pts = [(t, v) for t, v in pts if v]
-        left.plot(
-            [t for t, _ in pts], [v for _, v in pts], "k--", lw=1, label=f"{g['optimizer']} d={g['d']:,}"
-        )
+        style = ("--", ":", "-.")[k % 3]  # one line style per gradient run
+        label = f"{g['optimizer']} d={g['d']:,}"
+        left.plot([t for t, _ in pts], [v for _, v in pts], color="k", ls=style, lw=1, label=label)
     for ax, ylabel in (
         (left, "forward-token-equivalents to target"),
         (right, "compute ratio (black-box / gradient)"),
@@ -235,6 +235,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
 def targets_of(folder: str | Path) -> list[float]:
     """The targets of a compare folder's ``results.csv`` (its ``steps_to_X`` columns)."""
+    if not Path(folder).is_dir():
+        raise UsageError(f"{str(folder)!r} is not a folder of runs")
     path = Path(folder) / "results.csv"
     try:
         header = path.read_text().splitlines()[0].split(",")
