@@ -42,6 +42,7 @@ SMALL = {
     "sample-chars": ["0", "5"],
     "threads": ["1"],
     "budget-minutes": ["1e-4"],
+    "sample-every": ["0", "1"],
 }
 CHOICES = {
     "optimizer": sorted(load_methods()) + ["nope", ""],
@@ -57,6 +58,11 @@ CHOICES = {
         "reuse=0",
         "noise=gaussian-table",
         "shaping=raw",
+        "mode=batched",
+        "orthogonal=true",
+        "guided=0.5",
+        "guide_history=0",
+        "sigma_lr=0.1",
     ],
 }
 
