@@ -13,3 +13,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """Every test leaves torch's thread count as it found it: `nograd train --threads N` run in the
+    test process sets it, and a later test comparing with a fresh process would see the change."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
