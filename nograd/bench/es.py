@@ -93,22 +93,19 @@ def stacked_reference(
     return call
 
 
-def population_write_seconds(population: int, dim: int, repeats: int) -> float:
-    """Median seconds of one write of a ``population x dim`` float32 matrix (memory kept between)."""
+def population_passes(population: int, dim: int, noises: tuple[str, ...], repeats: int) -> dict[str, float]:
+    """Median seconds of one write of a ``population x dim`` float32 matrix (``"write"``, memory
+    kept between) and of drawing that many numbers with each noise kind (by its name)."""
     buf = torch.empty(population, dim)
-    return interleaved_medians({"write": lambda: buf.fill_(1.0)}, repeats=max(repeats, 3), warmup=1)["write"]
+    gens = {n: SeededNoise(0, n) for n in noises}
+    count = [0]
 
+    def draw(noise: str) -> None:
+        count[0] += 1  # a fresh generation each time
+        gens[noise].members((dim,), generation=count[0], members=range(population), index=0)
 
-def draw_seconds(noise: str, population: int, dim: int, repeats: int) -> float:
-    """Median seconds to draw ``population`` dense directions of ``dim`` numbers with ``noise``."""
-    gen = SeededNoise(0, noise)
-    state = {"generation": 0}
-
-    def draw() -> None:
-        state["generation"] += 1
-        gen.members((dim,), generation=state["generation"], members=range(population), index=0)
-
-    return interleaved_medians({"draw": draw}, repeats=max(repeats, 3), warmup=1)["draw"]
+    timed = {"write": lambda: buf.fill_(1.0), **{n: (lambda n=n: draw(n)) for n in noises}}
+    return interleaved_medians(timed, repeats=max(repeats, 3), warmup=1)
 
 
 def _label(name: str, noise: str) -> str:
@@ -209,8 +206,8 @@ def run(args: list[str]) -> dict:
         timed[name] = fn
     med = interleaved_medians(timed, repeats=a.repeats, warmup=1)
     ref_s = sorted(v for k, v in med.items() if k.startswith("ref"))[len(fns) // 2] if fns else float("nan")
-    write_s = population_write_seconds(a.population, dim, a.repeats)
-    draws = {n: draw_seconds(n, a.population, dim, a.repeats) for n in noises}
+    passes = population_passes(a.population, dim, noises, a.repeats)
+    write_s = passes["write"]
     out: dict = {
         "model": f"MLP {IN_OUT}-{h}-{h}-{IN_OUT}",
         "dim": dim,
@@ -225,7 +222,7 @@ def run(args: list[str]) -> dict:
         "population_write_seconds": write_s,
         "floor_ratio": (ref_s + write_s) / ref_s,
         # drawing the P x d numbers a dense strategy samples, per noise kind, in reference passes
-        "draw_ratio": {n: t / ref_s for n, t in draws.items()},
+        "draw_ratio": {n: passes[n] / ref_s for n in noises},
         "strategies": {},
         "skipped": {n: SKIPPED[n] for n in names if n in SKIPPED},
     }

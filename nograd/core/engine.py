@@ -544,7 +544,7 @@ class BatchedPerturbation:
         e = self.space.member_dense(self.noise, i, generation, uniq)
         if where is not None:
             e = e[where.to(e.device)]
-        if all(s == 1.0 for _, s in members):  # rows given as they are (the flat strategies' deltas)
+        if all(s == 1.0 for _, s in members):  # rows given as they are (the flat strategies' candidates)
             return e
         scale = torch.tensor([s for _, s in members], dtype=e.dtype, device=e.device)
         return e.mul_(scale.view(-1, *([1] * (e.dim() - 1))))

@@ -194,12 +194,10 @@ class ShapedNoise(SeededNoise):
         a, b = self._guide_rows([a, b], ids, index)
         if self.orthogonal:
             side = 0 if out_features >= in_features else 1  # the larger factor holds more directions
-            stack = (a, b)[side]
-            if stack.shape[1] >= rank:
-                shaped = self._orthogonalise(
-                    stack, ids, index, generation, "lowrank", lambda block: raw(list(block))[side]
-                )
-                a, b = (shaped, b) if side == 0 else (a, shaped)
+            shaped = self._orthogonalise(
+                (a, b)[side], ids, index, generation, "lowrank", lambda block: raw(list(block))[side]
+            )
+            a, b = (shaped, b) if side == 0 else (a, shaped)
         alpha = self.scales.get(index, 1.0)
         return (a * alpha if alpha != 1.0 else a), b
 

@@ -97,7 +97,6 @@ class GA(Strategy):
         self.parents: list[list[int]] = [[]]  # chains; generation 0 has theta_0 only
         self.elite: list[int] = []
         self._parent_vecs: list[Tensor] = [self.x0.clone()]
-        self._elite_vec: Tensor = self.mean.clone()  # the elite as built, in the sample dtype
         # rows built this generation (member -> vector) when popsize x dim <= cache_elements
         self._rows: tuple[int, dict[int, Tensor]] = (-1, {})
 
@@ -163,7 +162,7 @@ class GA(Strategy):
             if cache is not None and m in cache[1]:
                 out[row] = cache[1][m]
             elif self._is_elite(m):
-                out[row] = self._elite_vec
+                out[row] = self.mean  # the elite as built: float32 -> float64 -> float32 is exact
             else:
                 # parent + sigma * eps: the same in-place float64 add as genome_to_params
                 out[row] = self._parent_vecs[self._parent_index(m)]
@@ -178,8 +177,7 @@ class GA(Strategy):
         vecs = list(self._candidates(top))
         self.parents, self._parent_vecs = chains, vecs
         self.elite = chains[0]
-        self._elite_vec = vecs[0].clone()
-        self.mean = vecs[0].to(F64)
+        self.mean = vecs[0].to(F64, copy=True)
         self._rows = (-1, {})
 
     def _max_std(self) -> float:
@@ -204,5 +202,4 @@ class GA(Strategy):
         self.parents = [list(c) for c in state["parents"]]
         self.elite = list(state["elite"])
         self._parent_vecs = [self.genome_to_params(c) for c in self.parents]
-        self._elite_vec = self.genome_to_params(self.elite)
         self._rows = (-1, {})

@@ -59,7 +59,7 @@ from ..core.engine import BatchedPerturbation, ParamSpace
 from . import ASK_TELL
 from .base import Strategy
 from .ga import GA
-from .module_es import batch_rows, repeat_rows
+from .module_es import batch_rows, member_means, repeat_rows
 
 MODES = ("auto", "batched", "vmap", "loop")
 BATCHED_BYTES = 1 << 30  # mode="auto" evaluates batched while the population fits in this
@@ -175,8 +175,8 @@ class ModuleAdapter:
         if type(self.strategy).float32_samples and all(p.dtype != torch.float64 for p in self.space.tensors):
             self.strategy.sample_dtype = torch.float32
         if mode == "auto":
-            delta_bytes = self.strategy.popsize * self.dim * self.strategy.sample_dtype.itemsize
-            if delta_bytes <= batched_bytes:
+            candidate_bytes = self.strategy.popsize * self.dim * self.strategy.sample_dtype.itemsize
+            if candidate_bytes <= batched_bytes:
                 mode = "batched"
             else:
                 mode = "vmap" if self.space.tensors[0].device.type == "cuda" else "loop"
@@ -268,13 +268,7 @@ class ModuleAdapter:
         b = batch_rows(batch)
         with self._engine.apply(self.strategy.generation, [(j, 1.0) for j in range(len(members))]):
             per_row = loss_fn(self.model, *repeat_rows(batch, len(members)))
-        per_row = torch.as_tensor(per_row).detach()
-        if per_row.numel() != len(members) * b:
-            raise ValueError(
-                f"loss_fn must return one loss per row ({len(members) * b} for {len(members)} members x "
-                f"{b} rows), got shape {tuple(per_row.shape)}"
-            )
-        return per_row.double().reshape(len(members), b).mean(1).cpu()
+        return member_means(torch.as_tensor(per_row).detach().double(), len(members), b).cpu()
 
     def _candidates(self, ids: range) -> torch.Tensor:
         """Candidates ``(len(ids), dim)``: through the strategy's vectorised ``_candidates`` hook

@@ -69,6 +69,17 @@ def repeat_rows(batch: Sequence[Any], k: int) -> list[Any]:
     return out
 
 
+def member_means(per_row: torch.Tensor, members: int, rows: int) -> torch.Tensor:
+    """Each member's mean over its ``rows`` consecutive per-row losses, ``(members,)``; a
+    ValueError unless ``loss_fn`` gave one loss per row."""
+    if per_row.numel() != members * rows:
+        raise ValueError(
+            f"loss_fn must return one loss per row ({members * rows} for {members} members x "
+            f"{rows} rows), got shape {tuple(per_row.shape)}"
+        )
+    return per_row.reshape(members, rows).mean(1)
+
+
 def batch_rows(batch: Sequence[Any]) -> int:
     """Rows of the first tensor of ``batch`` (the per-member batch size)."""
     for t in batch:
@@ -344,13 +355,7 @@ class ModuleES:
             rows = repeat_rows(batch, len(dirs))
             with self.batched.apply(self.generation, dirs):
                 per_row = loss_fn(self.model, *rows)
-            per_row = torch.as_tensor(per_row).detach().float()
-            if per_row.numel() != len(dirs) * b:
-                raise ValueError(
-                    f"loss_fn must return one loss per row ({len(dirs) * b} for {len(dirs)} members x "
-                    f"{b} rows), got shape {tuple(per_row.shape)}"
-                )
-            out.append(per_row.reshape(len(dirs), b).mean(1))
+            out.append(member_means(torch.as_tensor(per_row).detach().float(), len(dirs), b))
         return torch.cat(out).cpu() if out else torch.empty(0)
 
     def _evaluate_inplace(self, loss_fn: ModuleLossFn, batch: Sequence[Any], members: range) -> torch.Tensor:

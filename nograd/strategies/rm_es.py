@@ -139,22 +139,23 @@ class RmES(Strategy):
         r = self._r_cache[1]
         return r if members is None else r[torch.as_tensor(list(members), dtype=torch.long)]
 
-    def _step(self, z: Tensor, r: Tensor) -> Tensor:
-        """``a^m z + b Σ_i a^{m-i} r_i P_i`` for rows of ``z`` ``(k, n)`` and ``r`` ``(k, m)``."""
+    def _step(self, z: Tensor, r: Tensor, scale: float = 1.0, shift: Tensor | None = None) -> Tensor:
+        """``shift + scale (a^m z + b sum_i a^{m-i} r_i P_i)`` for rows of ``z`` ``(k, n)`` and ``r``
+        ``(k, m)``, in ``z``'s dtype: one pass for the first term, then one rank-1 update per path
+        (a GEMM with an inner size of ``m`` paths is several times slower on a CPU)."""
         a_m = math.sqrt(1 - self.c_cov) ** self.paths
-        return torch.addmm(z, (r * self._path_coefficients()).to(z.dtype), self.P.to(z.dtype), beta=a_m)
-
-    def _candidates(self, members: Sequence[int]) -> Tensor:
-        """``mean + sigma _step(z, r)``: one pass for ``mean + sigma a^m z``, then one rank-1 update
-        per path (a GEMM with an inner size of ``m`` paths is several times slower on a CPU)."""
-        members = list(members)
-        z = self.standard_normal(members)
-        a_m = math.sqrt(1 - self.c_cov) ** self.paths
-        coef = (self.path_scalars(members) * self._path_coefficients() * self.sigma).to(z.dtype)
-        out = torch.add(self.mean.to(z.dtype), z, alpha=self.sigma * a_m)
+        coef = (r * self._path_coefficients() * scale).to(z.dtype)
+        if shift is None:
+            out = z * (scale * a_m)
+        else:
+            out = torch.add(shift.to(z.dtype), z, alpha=scale * a_m)
         for j in range(self.P.shape[0]):
             out.addr_(coef[:, j], self.P[j].to(z.dtype))
         return out
+
+    def _candidates(self, members: Sequence[int]) -> Tensor:
+        members = list(members)
+        return self._step(self.standard_normal(members), self.path_scalars(members), self.sigma, self.mean)
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         selected = order[: self.mu]

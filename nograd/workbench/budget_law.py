@@ -34,6 +34,7 @@ import torch
 from nograd.core.errors import UsageError
 from nograd.workbench.checkpoint import load_checkpoint
 from nograd.workbench.compare import reach
+from nograd.workbench.metrics import read_rows
 from nograd.workbench.registry import get_method
 
 
@@ -67,7 +68,7 @@ def read_cells(root: Path, targets: list[float]) -> list[Cell]:
         try:
             summary = json.loads(summary_path.read_text())
             config = json.loads((folder / "config.json").read_text())
-            rows = [json.loads(line) for line in open(folder / "metrics.jsonl") if line.strip()]
+            rows = read_rows(folder / "metrics.jsonl", int(summary["steps"]))
         except (OSError, ValueError) as e:
             raise UsageError(f"{folder}: not a finished run ({e})") from None
         metric = summary["metric"]

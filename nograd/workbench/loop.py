@@ -309,16 +309,19 @@ class Run:
             self.sample_along_the_way(values)
         return values
 
-    def sample_along_the_way(self, values: dict[str, float], text: str | None = None) -> None:
-        """A text sample at this evaluation, printed and appended to samples.jsonl (its own
-        generator: the run's random state is untouched, so a resume stays exact)."""
+    def sample_along_the_way(self, values: dict[str, float]) -> None:
+        """A text sample at this evaluation, printed and kept (its own generator: the run's random
+        state is untouched, so a resume stays exact)."""
+        text = self.task.sample(self.model, seed=self.cfg.seed)
+        if text and self.writer:
+            self.log(f"--- sample at step {self.step_count} ---\n{text}\n---")
+        self.keep_sample(values, text)
+
+    def keep_sample(self, values: dict[str, float], text: str) -> None:
+        """Append this step's sample, with its metrics, to samples.jsonl."""
         self.last_sample_step = self.step_count
-        printed = text is not None  # the final sample, which finish() prints
-        text = self.task.sample(self.model, seed=self.cfg.seed) if text is None else text
         if not text or not self.writer:
             return
-        if not printed:
-            self.log(f"--- sample at step {self.step_count} ---\n{text}\n---")
         row = {"step": self.step_count, "wall_s": round(self.wall, 3), "forward_tokens": self.forward_tokens}
         with open(self.out / "samples.jsonl", "a") as f:
             f.write(json.dumps({**row, **values, "text": text}) + "\n")
@@ -435,9 +438,7 @@ class Run:
             self.log(f"--- sample ---\n{sample}\n---")
         if cfg.sample_every and self.last_sample_step != self.step_count and self.rows:
             last = self.rows[-1]
-            self.sample_along_the_way(
-                {m.name: last[m.name] for m in self.task.metrics if m.name in last}, sample
-            )
+            self.keep_sample({m.name: last[m.name] for m in self.task.metrics if m.name in last}, sample)
         metrics = [asdict(m) for m in self.task.metrics]
         (self.out / "summary.json").write_text(json.dumps({**summary, "metrics": metrics}, indent=2) + "\n")
         final = summary[f"final_{self.task.metrics[0].name}"]
