@@ -60,6 +60,7 @@ from typing import Any
 from nograd.core.errors import UsageError
 from nograd.core.options import flag_name
 from nograd.workbench.config import make_config, resolve
+from nograd.workbench.metrics import read_rows
 
 BUDGET_KINDS = ("steps", "minutes", "tokens")
 LIKE_BY = ("tokens", "wall")
@@ -413,8 +414,7 @@ def run_all(spec: Spec, report: Callable[[str], None] = print) -> dict[str, dict
 
 
 def _rows(folder: Path) -> list[dict]:
-    with open(folder / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_rows(folder / "metrics.jsonl", sys.maxsize)
 
 
 def reach(rows: list[dict], metric: str, goal: str, target: float) -> dict[str, float] | None:
