@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compiling import CompiledOrEager
-from .noise import SeededNoise
+from .noise import BLOCK, SMALL, SeededNoise
+from .rounding import ROUNDED_BITS, add_rounded_, round_key, stochastic_round_
 
 Direction = tuple[int, float]  # (noise direction index, scale such as +sigma or -sigma)
 
@@ -217,18 +218,20 @@ def accumulate(
     ``into="grad"`` writes ``g`` into each parameter's ``.grad`` (overwriting it) so that any
     torch optimizer can step. ``into="update"`` applies ``p -= lr * g`` in place; the dense noise
     of a tensor larger than ``DENSE_STACK`` numbers is then added block by block, so no buffer of
-    its size, let alone the model's, is made.
+    its size, let alone the model's, is made. A bfloat16 / float16 weight gets its update summed in
+    float32 and rounded stochastically (:mod:`nograd.core.rounding`), once per step: rounded to
+    nearest, an update far below the weight's spacing would be lost.
     """
     if into not in ("grad", "update"):
         raise ValueError(f"into must be 'grad' or 'update', got {into!r}")
     if into == "update" and lr is None:
         raise ValueError("accumulate(into='update') needs lr")
 
-    def use(p: torch.Tensor, g: torch.Tensor) -> None:
+    def use(p: torch.Tensor, g: torch.Tensor, i: int) -> None:
         if into == "grad":
             p.grad = g.to(p.dtype)
-        else:  # scaled in float32 so a low-precision weight is rounded once per step
-            p.sub_((g * lr).to(p.dtype))
+        else:  # summed in float32 so a low-precision weight is rounded once per step
+            add_rounded_(p.data, g, round_key(noise.seed, generation, i), alpha=-lr)
 
     with torch.no_grad():
         for i, p in enumerate(space.tensors):
@@ -237,7 +240,7 @@ def accumulate(
                 a, b = space.member_factors(noise, i, generation, [d for d, _ in coefficients])
                 c = torch.tensor([c for _, c in coefficients], dtype=a.dtype, device=a.device)
                 a = (a * c.view(-1, 1, 1)).transpose(0, 1).flatten(1)  # (out, k*r)
-                use(p, (a @ b.transpose(0, 1).flatten(1).T).div_(math.sqrt(space.rank)).view(p.shape))
+                use(p, (a @ b.transpose(0, 1).flatten(1).T).div_(math.sqrt(space.rank)).view(p.shape), i)
             elif not space.lowrank[i] and p.numel() <= DENSE_STACK and len(coefficients) > 1:
                 # dense tensors up to DENSE_STACK numbers: directions stacked a chunk at a time, one
                 # matrix-vector product per chunk instead of an add per direction
@@ -249,16 +252,45 @@ def accumulate(
                     c = torch.tensor([c for _, c in part], dtype=e.dtype, device=e.device)
                     term = torch.tensordot(c, e, dims=1)
                     g = term if g is None else g.add_(term)
-                use(p, g)
+                use(p, g, i)
             elif into == "update" and p.dtype == torch.float32:
                 # straight into the weights, block by block: no tensor-sized buffer
                 for d, c in coefficients:
                     space.add_direction_(noise, i, generation, d, -lr * c, p.data)
+            elif into == "update" and p.dtype in ROUNDED_BITS and not space.lowrank[i] and p.numel() > SMALL:
+                _update_rounded_in_chunks(space, noise, i, generation, coefficients, lr)
             else:
                 g = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 for d, c in coefficients:
                     space.add_direction_(noise, i, generation, d, c, g)
-                use(p, g)
+                use(p, g, i)
+
+
+CHUNK_BLOCKS = 4  # noise blocks per chunk of a low-precision weight's update (4 MB of float32)
+
+
+def _update_rounded_in_chunks(
+    space: ParamSpace,
+    noise: SeededNoise,
+    i: int,
+    generation: int,
+    coefficients: Sequence[tuple[int, float]],
+    lr: float,
+) -> None:
+    """``p -= lr * sum_k c_k E_k`` for a large dense low-precision tensor, one chunk of blocks at a
+    time: each chunk's sum in float32, rounded stochastically once, and no tensor-sized buffer."""
+    flat = space.tensors[i].data.view(-1)
+    key = round_key(noise.seed, generation, i)
+    step = BLOCK * CHUNK_BLOCKS
+    z = torch.empty(min(step, flat.numel()), dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.numel(), step):
+        part = flat[start : start + step]
+        exact = part.to(torch.float32)
+        for d, c in coefficients:
+            zs = z[: part.numel()]
+            noise.fill_(zs, generation=generation, member=d, index=i, start_block=start // BLOCK)
+            exact.add_(zs, alpha=-lr * c)
+        stochastic_round_(part, exact, key, start=start)
 
 
 def _unique_directions(members: Sequence[Direction]) -> tuple[list[int], torch.Tensor | None]:

@@ -50,6 +50,7 @@ from torch import nn
 from ..core.distributed import Collective
 from ..core.engine import BatchedPerturbation, InPlacePerturbation, ParamSpace, accumulate, member_directions
 from ..core.noise import DISTRIBUTIONS, SeededNoise
+from ..core.rounding import round_key, scale_rounded_
 from ..core.shaped_noise import ShapedNoise
 from ..core.shaping import SHAPINGS, NonFiniteFitnessError, shape
 
@@ -408,8 +409,9 @@ class ModuleES:
         else:
             if self.weight_decay:
                 with torch.no_grad():
-                    for p in self.space.tensors:
-                        p.mul_(1.0 - self.lr * self.weight_decay)
+                    for i, p in enumerate(self.space.tensors):
+                        key = round_key(self.noise.seed, self.generation, i, 1)
+                        scale_rounded_(p.data, 1.0 - self.lr * self.weight_decay, key)
             accumulate(self.space, self.noise, self.generation, coeffs, lr=self.lr, into="update")
         finite = losses[torch.isfinite(losses)]
         self.generation += 1

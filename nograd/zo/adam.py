@@ -103,8 +103,8 @@ class ZOAdam(SPSAOptimizer):
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
                 denom = v.sqrt().div_(math.sqrt(1.0 - beta2**t)).add_(h["adam_eps"])
                 step = g.copy_(m).div_(denom)  # reuse g's buffer
-                self.decay_(i, h["lr"], h.get("weight_decay", 0.0))
-                p.add_(step.to(p.dtype), alpha=-h["lr"] / (1.0 - beta1**t))
+                self.decay_(i, h["lr"], h.get("weight_decay", 0.0), generation)
+                self.add_to_weight_(i, step, -h["lr"] / (1.0 - beta1**t), generation)
         self._updates = t
 
     def zo_state(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from torch import nn
 from ..core.distributed import Collective
 from ..core.engine import ParamSpace, accumulate
 from ..core.noise import DISTRIBUTIONS, SeededNoise
+from ..core.rounding import add_rounded_, round_key, scale_rounded_
 from ..core.shaping import NonFiniteFitnessError
 
 TRAJECTORY_FORMAT = "nograd-zo-trajectory"
@@ -110,21 +111,20 @@ def add_estimate_(
     coefficients: Sequence[tuple[int, float]],
     alpha: float,
     target: torch.Tensor,
+    kind: int = 0,
 ) -> None:
     """``target += alpha * sum_k c_k E_k`` for tensor ``i``.
 
     A float32 target gets the noise added block by block (no buffer); other dtypes accumulate the
-    sum in one float32 buffer of the tensor's size so the weight is rounded once.
+    sum in one float32 buffer of the tensor's size so the weight is rounded once (stochastically
+    for bfloat16 / float16, keyed by ``generation``, ``i`` and ``kind``).
     """
     if target.dtype == torch.float32 and not (space.lowrank[i] and len(coefficients) > 1):
         for d, c in coefficients:
             space.add_direction_(noise, i, generation, d, alpha * c, target)
         return
     g = dense_estimate(space, noise, i, generation, coefficients)
-    if target.dtype == torch.float32:
-        target.add_(g, alpha=alpha)
-    else:
-        target.add_((g * alpha).to(target.dtype))
+    add_rounded_(target, g, round_key(noise.seed, generation, i, kind), alpha=alpha)
 
 
 class ScaledView:
@@ -472,11 +472,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Hook for subclasses whose estimator keeps references into ``self.state``."""
 
     # -- shared update pieces ----------------------------------------------------------------
-    def decay_(self, i: int, lr: float, weight_decay: float) -> None:
+    def decay_(self, i: int, lr: float, weight_decay: float, generation: int) -> None:
         """``p -= lr * wd * p`` for tensors with >= 2 dims (biases and norm weights are skipped)."""
         p = self.space.tensors[i]
         if weight_decay and p.dim() >= 2:
-            p.mul_(1.0 - lr * weight_decay)
+            scale_rounded_(p, 1.0 - lr * weight_decay, round_key(self.noise.seed, generation, i, 1))
+
+    def add_to_weight_(self, i: int, delta: torch.Tensor, alpha: float, generation: int) -> None:
+        """``p_i += alpha * delta`` (float32 ``delta``), rounded stochastically for bfloat16 / float16."""
+        p = self.space.tensors[i]
+        add_rounded_(p, delta, round_key(self.noise.seed, generation, i), alpha=alpha)
 
 
 class SGDRule:
@@ -492,7 +497,7 @@ class SGDRule:
         with torch.no_grad():
             for i in range(len(self.space)):
                 h = groups[self.group_of[i]]
-                self.decay_(i, h["lr"], h.get("weight_decay", 0.0))
+                self.decay_(i, h["lr"], h.get("weight_decay", 0.0), generation)
             if len(groups) == 1:
                 accumulate(
                     self.space,

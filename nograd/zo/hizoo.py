@@ -115,7 +115,7 @@ class HiZOO(SPSAOptimizer):
         coeffs = [self.coefficients(record, j) for j in range(len(groups))]
         curv = [[c / (2.0 * g["eps"] ** 2 * n) for c in record["curvature"]] for g in groups]
         with torch.no_grad():
-            for i, p in enumerate(self.space.tensors):
+            for i in range(len(self.space)):
                 j = self.group_of[i]
                 h = groups[j]
                 g = hizoo_tensor_update(
@@ -128,5 +128,5 @@ class HiZOO(SPSAOptimizer):
                     curv[j],
                     h["hessian_smooth"],
                 )
-                self.decay_(i, h["lr"], h.get("weight_decay", 0.0))
-                p.add_(g.to(p.dtype), alpha=-h["lr"])
+                self.decay_(i, h["lr"], h.get("weight_decay", 0.0), generation)
+                self.add_to_weight_(i, g, -h["lr"], generation)

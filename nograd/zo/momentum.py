@@ -107,11 +107,8 @@ class ZOMomentum(SPSAOptimizer):
                     buf = state["momentum_buffer"]
                     buf.mul_(h["momentum"])
                     add_estimate_(self.space, self.noise, i, generation, coeffs[j], 1.0, buf)
-                    self.decay_(i, h["lr"], h.get("weight_decay", 0.0))
-                    if p.dtype == torch.float32:
-                        p.add_(buf, alpha=-h["lr"])
-                    else:
-                        p.add_((buf * -h["lr"]).to(p.dtype))
+                    self.decay_(i, h["lr"], h.get("weight_decay", 0.0), generation)
+                    self.add_to_weight_(i, buf, -h["lr"], generation)
                 return
             entry = {
                 "step": generation,
@@ -122,7 +119,7 @@ class ZOMomentum(SPSAOptimizer):
             for i, p in enumerate(self.space.tensors):
                 j = self.group_of[i]
                 h = groups[j]
-                self.decay_(i, h["lr"], h.get("weight_decay", 0.0))
+                self.decay_(i, h["lr"], h.get("weight_decay", 0.0), generation)
                 for age, past in enumerate(reversed(self._history)):
                     alpha = -h["lr"] * h["momentum"] ** age
                     add_estimate_(
@@ -133,6 +130,7 @@ class ZOMomentum(SPSAOptimizer):
                         self.coefficients(past, j),
                         alpha,
                         p.data,
+                        kind=age + 2,  # each addition rounded with its own bits
                     )
 
     def zo_state(self) -> dict[str, Any]:

@@ -68,9 +68,9 @@ class ZOSign(SPSAOptimizer):
         groups = record["groups"]
         coeffs = [self.coefficients(record, j) for j in range(len(groups))]
         with torch.no_grad():
-            for i, p in enumerate(self.space.tensors):
+            for i in range(len(self.space)):
                 j = self.group_of[i]
                 h = groups[j]
                 g = dense_estimate(self.space, self.noise, i, generation, coeffs[j]).sign_()
-                self.decay_(i, h["lr"], h.get("weight_decay", 0.0))
-                p.add_(g.to(p.dtype), alpha=-h["lr"])
+                self.decay_(i, h["lr"], h.get("weight_decay", 0.0), generation)
+                self.add_to_weight_(i, g, -h["lr"], generation)
