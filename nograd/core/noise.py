@@ -32,12 +32,15 @@ inference memory.
 
 ``"gaussian-counter"`` draws exact Gaussians (Box-Muller) from a counter-based generator: the
 splitmix64 finaliser of ``key + i`` gives the uniform bits of pair ``i`` of a block. It is a
-handful of integer and float operations per number that ``torch.compile`` fuses into one kernel
-writing the block: about 1.7 ns per number against 5.3 ns for ``normal_`` (whose Mersenne
-Twister alone takes 4 ns) on one CPU thread here, with no table. The first use compiles the
-kernel (seconds); without a working compiler it runs eagerly, with one warning, at about 20-50
-ns per number. Eager and compiled results agree to float rounding (1e-6), not bit for bit, and
-so do different devices: a run keeps the same kernel throughout.
+handful of integer and float operations per number that the compiler fuses into one kernel
+writing the block: under 1 ns per number against 5.3 ns for ``normal_`` (whose Mersenne Twister
+alone takes 4 ns) on one CPU thread here, with no table. On the CPU the kernel is compiled ahead
+of time in a child process and cached (:mod:`nograd.core.counter_kernel`: the first use on a
+machine waits for that build, 10-20 s), so inductor's memory stays out of the process. Elsewhere,
+or when that build fails, ``torch.compile`` builds it in the process; without a working compiler
+it runs eagerly, with one warning, at about 20-50 ns per number. Eager and compiled results agree
+to float rounding (1e-6), not bit for bit, and so do different devices: a run keeps the same
+kernel throughout.
 
 Example:
     >>> noise = SeededNoise(seed=0)
@@ -59,6 +62,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .compiling import CompiledOrEager
+from .counter_kernel import counter_gaussians, load_cpu_kernel
 
 BLOCK = 1 << 18  # elements per independently keyed block of a tensor's noise
 GROUP = 32  # members whose noise for a small tensor comes from one draw
@@ -141,7 +145,13 @@ class SeededNoise:
 
     def _draw(self, out: torch.Tensor, key: int, generator: torch.Generator | None = None) -> None:
         if self.distribution == "gaussian-counter":
-            _counter_fill()(out.view(-1), torch.tensor(key - (1 << 64) if key >= 1 << 63 else key))
+            base = torch.tensor(key - (1 << 64) if key >= 1 << 63 else key)
+            kernel = load_cpu_kernel() if out.device.type == "cpu" else None
+            if kernel is None:
+                _counter_fill()(out.view(-1), base)
+            else:  # compiled ahead of time: no inductor in this process
+                n = out.numel()
+                out.view(-1).copy_(kernel(base, (n + 1) // 2)[:n])
             return
         if self.distribution == "gaussian-table":
             n = out.numel()
@@ -306,29 +316,12 @@ def split_factors(
 
 # ---------------------------------------------------------------- the counter-based generator
 
-_C1, _C2, _C3 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64's, as int64
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (wrapping products; logical shifts by masking)."""
-    x = x * _C1
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _C2
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _C3
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
-
 
 def _counter_gaussian_fill(out: torch.Tensor, base: torch.Tensor) -> None:
-    """``out`` (1-D float32) <- Box-Muller Gaussians of the uniform bits ``_mix64(base + i)``:
+    """``out`` (1-D float32) <- Box-Muller Gaussians of the uniform bits ``mix64(base + i)``:
     pair ``i`` gives ``out[i] = r cos(t)`` and ``out[h + i] = r sin(t)``, ``h = ceil(n / 2)``."""
     n = out.shape[0]
-    h = (n + 1) // 2
-    bits = _mix64(torch.arange(h, dtype=torch.int64, device=out.device) + base.to(out.device))
-    u1 = ((bits >> 40) & 0xFFFFFF).to(torch.float32).add(0.5).mul(1.0 / (1 << 24))  # in (0, 1)
-    u2 = ((bits >> 16) & 0xFFFFFF).to(torch.float32).mul(2.0 * 3.141592653589793 / (1 << 24))
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    out.copy_(torch.cat([r * torch.cos(u2), r * torch.sin(u2)])[:n])
+    out.copy_(counter_gaussians(base.to(out.device), (n + 1) // 2)[:n])
 
 
 _compiled_fill: list[CompiledOrEager] = []  # the kernel, built on first use
