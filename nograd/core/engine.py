@@ -497,6 +497,18 @@ class _Live:
         self.cache: dict[tuple[str, int], Any] = {}
         self.selected: int | None = None  # set while a fallback layer runs one member at a time
         self.pair_scale = _mirrored_pair_scale(members)
+        # the same for every tensor of the generation: worked out once, not per layer
+        self.unique, self.where = _unique_directions(members)
+        self.unit_scales = all(s == 1.0 for _, s in members)
+        self.scales = torch.tensor([s for _, s in members], dtype=torch.float32)
+        self._on: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor]] = {}
+
+    def where_and_scales(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Each member's row among the unique directions, and the members' scales, on ``device``."""
+        if device not in self._on:
+            where = None if self.where is None else self.where.to(device)
+            self._on[device] = (where, self.scales.to(device))
+        return self._on[device]
 
 
 class BatchedPerturbation:
@@ -560,25 +572,24 @@ class BatchedPerturbation:
         self._compiled: CompiledOrEager | None = None
 
     # per-member noise -----------------------------------------------------------------------
-    def _member_factors(self, i: int, generation: int, members: Sequence[Direction]):
+    def _member_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked (A * scale / sqrt(r), B) over members: (P, out, r), (P, in, r)."""
-        uniq, where = _unique_directions(members)
-        a, b = self.space.member_factors(self.noise, i, generation, uniq)
+        live = self._live
+        a, b = self.space.member_factors(self.noise, i, live.generation, live.unique)
+        where, scale = live.where_and_scales(a.device)
         if where is not None:  # antithetic pairs share a direction: draw it once
-            where = where.to(a.device)
             a, b = a.index_select(0, where), b.index_select(0, where)
-        scale = torch.tensor([s for _, s in members], dtype=a.dtype, device=a.device)
         return a * (scale / math.sqrt(self.space.rank)).view(-1, 1, 1), b
 
-    def _member_dense(self, i: int, generation: int, members: Sequence[Direction]) -> torch.Tensor:
+    def _member_dense(self, i: int) -> torch.Tensor:
         """Stacked scale * E over members: (P, *shape)."""
-        uniq, where = _unique_directions(members)
-        e = self.space.member_dense(self.noise, i, generation, uniq)
+        live = self._live
+        e = self.space.member_dense(self.noise, i, live.generation, live.unique)
+        where, scale = live.where_and_scales(e.device)
         if where is not None:
-            e = e[where.to(e.device)]
-        if all(s == 1.0 for _, s in members):  # rows given as they are (the flat strategies' candidates)
+            e = e.index_select(0, where)
+        if live.unit_scales:  # rows given as they are (the flat strategies' candidates)
             return e
-        scale = torch.tensor([s for _, s in members], dtype=e.dtype, device=e.device)
         return e.mul_(scale.view(-1, *([1] * (e.dim() - 1))))
 
     # what the layers read (computed on first use; all up front when compiled) -------------------
@@ -589,14 +600,14 @@ class BatchedPerturbation:
     def _factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         live = self._live
         if ("f", i) not in live.cache:
-            live.cache[("f", i)] = self._member_factors(i, live.generation, live.members)
+            live.cache[("f", i)] = self._member_factors(i)
         a, b = live.cache[("f", i)]
         return self._pick(a), self._pick(b)
 
     def _dense(self, i: int) -> torch.Tensor:
         live = self._live
         if ("d", i) not in live.cache:
-            live.cache[("d", i)] = self._member_dense(i, live.generation, live.members)
+            live.cache[("d", i)] = self._member_dense(i)
         return self._pick(live.cache[("d", i)])
 
     def _pair_dense(self, i: int) -> torch.Tensor:

@@ -229,10 +229,16 @@ class SeededNoise:
         for pos, m in enumerate(ids):
             positions.setdefault(m // GROUP, []).append(pos)
         out = torch.empty(len(ids), n, device=device, dtype=torch.float32)
-        draw = torch.empty(GROUP, n, device=device, dtype=torch.float32)
+        draw = None
         for g, pos in positions.items():
-            self._draw(draw.view(-1), derive_key(self.seed, generation, g, index, _GROUP_TAG))
+            key = derive_key(self.seed, generation, g, index, _GROUP_TAG)
             rows = [ids[p] % GROUP for p in pos]
+            if len(pos) == GROUP and _consecutive(pos) and rows[0] == 0 and _consecutive(rows):
+                self._draw(out[pos[0] : pos[0] + GROUP].view(-1), key)  # a whole group: in place
+                continue
+            if draw is None:
+                draw = torch.empty(GROUP, n, device=device, dtype=torch.float32)
+            self._draw(draw.view(-1), key)
             if _consecutive(pos) and _consecutive(rows):  # the usual case: a slice, no index ops
                 out[pos[0] : pos[0] + len(pos)] = draw[rows[0] : rows[0] + len(rows)]
             else:
