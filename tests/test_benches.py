@@ -20,6 +20,14 @@ def test_throughput_bench_reports_ratios() -> None:
     assert out["ratio"] == out["models"]["gpt"]["ratio"]
 
 
+def test_compiled_throughput_splits_a_generation_into_the_draw_and_the_forward() -> None:
+    argv = ["--population", "4", "--batch", "1", "--repeats", "1", "--models", "mlp", "--compile"]
+    r = get("throughput")(argv)["models"]["mlp"]
+    assert 0 < r["compiled_draw_share"] < 1
+    assert math.isfinite(r["compiled_forward_ratio"]) and r["compiled_forward_ratio"] > 0
+    assert set(r["compile_s"]) == {"inference", "population"}
+
+
 def test_es_bench_reports_each_strategy_with_the_floor_and_the_draws() -> None:
     argv = ["--dim", "3000", "--population", "8", "--repeats", "1", "--strategies", "snes,rm-es", "--table"]
     out = get("es")([*argv, "--threads", "1"])

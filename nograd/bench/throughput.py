@@ -12,8 +12,10 @@ timed interleaved in one process. ``ratio`` = population member-tokens/s / infer
 With ``--compile`` the low-rank population also runs through ``torch.compile``
 (``BatchedPerturbation(compile=True)``) and is timed against plain inference compiled the same
 way: ``compiled_ratio`` = compiled inference time / compiled population time, and
-``compiled_vs_eager_ratio`` = eager inference time / compiled population time. The first
-compiled call of each is timed apart (``compile_s``) and left out of the medians.
+``compiled_vs_eager_ratio`` = eager inference time / compiled population time. The compiled
+generation's time is split into drawing its noise (``compiled_draw_share``, the context opened
+with no forward) and the forward (``compiled_forward_ratio`` = compiled inference time / the
+rest). The first compiled call of each is timed apart (``compile_s``) and left out of the medians.
 """
 
 from __future__ import annotations
@@ -97,11 +99,22 @@ def measure(
             with batched_compiled.apply(gen[0], dirs):
                 model(rows)
 
+        def draw_compiled() -> None:  # the context alone: the generation's noise, no forward
+            gen[0] += 1
+            with batched_compiled.apply(gen[0], dirs):
+                pass
+
         for name, fn in (("inference", inference_compiled), ("population", population_compiled)):
             start = time.perf_counter()
             fn()  # compiles
             compiled[name] = time.perf_counter() - start
-        timed.update({"inference_compiled": inference_compiled, "low_compiled": population_compiled})
+        timed.update(
+            {
+                "inference_compiled": inference_compiled,
+                "low_compiled": population_compiled,
+                "draw": draw_compiled,
+            }
+        )
     t = interleaved_medians(timed, repeats=repeats)
     out = {
         "params": low.numel,
@@ -120,6 +133,9 @@ def measure(
             {
                 "compiled_ratio": t["inference_compiled"] / t["low_compiled"],
                 "compiled_vs_eager_ratio": t["inference"] / t["low_compiled"],
+                # how the compiled generation's time splits: drawing its noise, and the forward
+                "compiled_draw_share": t["draw"] / t["low_compiled"],
+                "compiled_forward_ratio": t["inference_compiled"] / max(t["low_compiled"] - t["draw"], 1e-12),
                 "compiled_population_tokens_per_s": tokens / t["low_compiled"],
                 "compiled_inference_tokens_per_s": tokens / t["inference_compiled"],
                 "compile_s": compiled,
