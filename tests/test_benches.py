@@ -110,6 +110,20 @@ def test_lm_memory_bench_on_a_tiny_llama(tmp_path) -> None:
         get("lm-memory")(["--methods", "sgd-full"])
 
 
+def test_lm_memory_bench_takes_the_dtype_and_the_noise(tmp_path) -> None:
+    from _tiny_lm import sentiment_csv, tiny_lm_folder
+
+    argv = ["--task", "text-classification", "--model", str(tiny_lm_folder(tmp_path))]
+    argv += ["--data", str(sentiment_csv(tmp_path)), "--classes", "negative,positive", "--threads", "1"]
+    argv += ["--batch-size", "4", "--methods", "inference,mezo-full"]
+    out = get("lm-memory")([*argv, "--dtype", "bfloat16", "--noise", "gaussian-counter"])
+    assert out["dtype"] == "bfloat16" and out["noise"] == "gaussian-counter"
+    assert out["weight_bytes"] == 2 * out["trainable"]["mezo-full"]  # every weight in 2 bytes
+    assert math.isfinite(out["memory_ratios"]["mezo-full"])
+    with pytest.raises(ValueError, match="invalid choice: 'float64'"):
+        get("lm-memory")([*argv, "--dtype", "float64"])
+
+
 @pytest.mark.parametrize(
     "name, argv, message",
     [

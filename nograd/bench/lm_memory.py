@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 
+from ..core.noise import DISTRIBUTIONS
 from . import BenchArgumentParser
 from .memory import measure_each, peak_rss
 
@@ -52,6 +53,13 @@ def _args(argv: list[str]) -> argparse.Namespace:
         "--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS)
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the weights' dtype")
+    p.add_argument(
+        "--noise",
+        default="gaussian",
+        choices=DISTRIBUTIONS,
+        help="the zeroth-order methods' noise distribution (as --opt distribution=...)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -86,7 +94,10 @@ def _setup(args: argparse.Namespace, method: str, out: str):  # -> (Run, x, y)
         "test_size": 2,
         "k": 4,
         "population": args.population,
+        "dtype": args.dtype,
     }
+    if optimizer == "mezo" and args.noise != "gaussian":
+        values["opts"] = {"distribution": args.noise}
     values.update(
         {k: v for k, v in (("model", args.model), ("data", args.data), ("classes", args.classes)) if v}
     )
@@ -144,6 +155,8 @@ def run(argv: list[str]) -> dict:
     out = {
         "task": args.task,
         "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "noise": args.noise,
         "weight_bytes": w,
         "added_bytes": {m: r["added_bytes"] for m, r in measured.items()},
         "trainable": {m: r["trainable"] for m, r in measured.items() if m != "inference"},
