@@ -266,7 +266,7 @@ def accumulate(
                 use(p, g, i)
 
 
-CHUNK_BLOCKS = 4  # noise blocks per chunk of a low-precision weight's update (4 MB of float32)
+CHUNK_BLOCKS = 1  # noise blocks per chunk of a low-precision weight's update (1 MB of float32)
 
 
 def _update_rounded_in_chunks(
@@ -475,8 +475,14 @@ class InPlacePerturbation:
         with torch.no_grad():
             rows = self.space.direction_rows(self.noise, i, generation, direction, scale)
             if isinstance(module, nn.Linear):
+                # a small input (an LM head on the answer position) goes up to float32: a bfloat16
+                # matmul against each block of rows took a 35 MB scratch buffer on this CPU
+                small = x.numel() <= ROW_BLOCK_NUMEL
+                xs = x.float() if small else x
                 for r0, block in rows:
-                    out[..., r0 : r0 + block.shape[0]].add_(x @ block.T.to(x.dtype))
+                    out[..., r0 : r0 + block.shape[0]].add_(
+                        F.linear(xs, block if small else block.to(x.dtype))
+                    )
                 return out
             ids = x.reshape(-1)
             flat = out.view(-1, out.shape[-1])
