@@ -77,14 +77,16 @@ def test_updates_far_below_the_spacing_add_up_in_bfloat16():
     assert abs(float(w.float().mean()) - (float(torch.tensor(0.05).bfloat16()) + 200 * 1e-5)) < 2e-5
 
 
-@pytest.mark.parametrize("out_features", [256, 4])  # chunked (> SMALL numbers) and whole-tensor paths
-def test_accumulate_update_moves_bfloat16_weights_like_float32(out_features):
+# one direction: chunk by chunk (MeZO's step); several: summed in one float32 buffer; small and large
+@pytest.mark.parametrize("out_features", [256, 4])
+@pytest.mark.parametrize("coeffs", [[(0, 2.0)], [(0, 2.0), (1, -1.0)]])
+def test_accumulate_update_moves_bfloat16_weights_like_float32(out_features, coeffs):
     torch.manual_seed(0)
     layer = nn.Linear(256, out_features).to(torch.bfloat16)
     exact = nn.Linear(256, out_features)
     exact.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
     assert (layer.weight.numel() > SMALL) == (out_features == 256)
-    noise, coeffs, lr = SeededNoise(3), [(0, 2.0), (1, -1.0)], 1e-5  # steps ~1e-5, spacing ~2e-4
+    noise, lr = SeededNoise(3), 1e-5  # steps ~1e-5, spacing ~2e-4
     before = layer.weight.detach().float().clone()
     accumulate(ParamSpace(layer), noise, 5, coeffs, lr=lr, into="update")
     accumulate(ParamSpace(exact), noise, 5, coeffs, lr=lr, into="update")
@@ -115,3 +117,22 @@ def test_mezo_and_zo_sign_train_bfloat16_weights_with_tiny_steps():
         assert float(a.abs().mean()) < 2.4e-4 / 2  # each step, and the sum, is under half a spacing
         ratio = float((a * b).sum() / (a * a).sum())
         assert 0.7 < ratio < 1.3, (cls.__name__, ratio)
+
+
+def test_the_rounded_update_reads_shaped_noise_like_the_float32_one():
+    """Per-tensor scales of shaped noise apply to the chunked bfloat16 update too (the chunks
+    come from ``noise.full_chunks``, which the shaped noise transforms)."""
+    from nograd.core.shaped_noise import ShapedNoise
+
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 256, bias=False).to(torch.bfloat16)
+    exact = nn.Linear(256, 256, bias=False)
+    exact.weight.data.copy_(layer.weight.detach().float())
+    noise = ShapedNoise(3, directions=8)
+    noise.scales[0] = 3.0
+    before = layer.weight.detach().float().clone()
+    for model in (layer, exact):
+        accumulate(ParamSpace(model), noise, 5, [(3, 2.0)], lr=1e-5, into="update")
+    moved, want = layer.weight.detach().float() - before, exact.weight.detach() - before
+    ratio = float((moved * want).sum() / (want * want).sum())
+    assert 0.9 < ratio < 1.1, ratio  # unscaled noise would give about 1/3

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compiling import CompiledOrEager
-from .noise import BLOCK, SMALL, SeededNoise
+from .noise import SeededNoise
 from .rounding import ROUNDED_BITS, add_rounded_, round_key, stochastic_round_
 
 Direction = tuple[int, float]  # (noise direction index, scale such as +sigma or -sigma)
@@ -257,8 +257,13 @@ def accumulate(
                 # straight into the weights, block by block: no tensor-sized buffer
                 for d, c in coefficients:
                     space.add_direction_(noise, i, generation, d, -lr * c, p.data)
-            elif into == "update" and p.dtype in ROUNDED_BITS and not space.lowrank[i] and p.numel() > SMALL:
-                _update_rounded_in_chunks(space, noise, i, generation, coefficients, lr)
+            elif (
+                into == "update"
+                and p.dtype in ROUNDED_BITS
+                and not space.lowrank[i]
+                and len(coefficients) == 1
+            ):
+                _update_rounded_in_chunks(space, noise, i, generation, coefficients[0], lr)
             else:
                 g = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 for d, c in coefficients:
@@ -266,31 +271,20 @@ def accumulate(
                 use(p, g, i)
 
 
-CHUNK_BLOCKS = 1  # noise blocks per chunk of a low-precision weight's update (1 MB of float32)
-
-
 def _update_rounded_in_chunks(
-    space: ParamSpace,
-    noise: SeededNoise,
-    i: int,
-    generation: int,
-    coefficients: Sequence[tuple[int, float]],
-    lr: float,
+    space: ParamSpace, noise: SeededNoise, i: int, generation: int, coefficient: tuple[int, float], lr: float
 ) -> None:
-    """``p -= lr * sum_k c_k E_k`` for a large dense low-precision tensor, one chunk of blocks at a
-    time: each chunk's sum in float32, rounded stochastically once, and no tensor-sized buffer."""
+    """``p -= lr * c E`` for a dense low-precision tensor and one direction (MeZO's step), a chunk
+    of noise at a time: each chunk summed in float32 and rounded stochastically, no tensor-sized
+    buffer. The chunks come from ``noise.full_chunks``, so shaped noise is shaped here too."""
     flat = space.tensors[i].data.view(-1)
     key = round_key(noise.seed, generation, i)
-    step = BLOCK * CHUNK_BLOCKS
-    z = torch.empty(min(step, flat.numel()), dtype=torch.float32, device=flat.device)
-    for start in range(0, flat.numel(), step):
-        part = flat[start : start + step]
-        exact = part.to(torch.float32)
-        for d, c in coefficients:
-            zs = z[: part.numel()]
-            noise.fill_(zs, generation=generation, member=d, index=i, start_block=start // BLOCK)
-            exact.add_(zs, alpha=-lr * c)
-        stochastic_round_(part, exact, key, start=start)
+    direction, c = coefficient
+    for start, z in noise.full_chunks(
+        flat.numel(), generation=generation, member=direction, index=i, device=flat.device
+    ):
+        part = flat[start : start + z.numel()]
+        stochastic_round_(part, part.to(torch.float32).add_(z, alpha=-lr * c), key, start=start)
 
 
 def _unique_directions(members: Sequence[Direction]) -> tuple[list[int], torch.Tensor | None]:
