@@ -136,9 +136,9 @@ def load_cpu_kernel(threads: int | None = None) -> _Loaded | None:
     if os.environ.get(AOT_ENV, "1") == "0":
         _loaded[threads] = None
         return None
-    path = package_path(threads)
     kernel = None
     try:
+        path = package_path(threads)  # (no home folder: the fallback below)
         if not path.exists():
             _build_in_child(path, threads)
         try:
