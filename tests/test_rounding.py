@@ -136,3 +136,24 @@ def test_the_rounded_update_reads_shaped_noise_like_the_float32_one():
     moved, want = layer.weight.detach().float() - before, exact.weight.detach() - before
     ratio = float((moved * want).sum() / (want * want).sum())
     assert 0.9 < ratio < 1.1, ratio  # unscaled noise would give about 1/3
+
+
+def test_a_resumed_bfloat16_mezo_run_rounds_exactly_as_the_uninterrupted_one():
+    torch.manual_seed(0)
+    target = torch.randn(64, 64) * 0.05
+    start = torch.randn(64, 64) * 0.05
+
+    def run(steps: int, state: dict | None = None, weights: torch.Tensor | None = None):
+        w = nn.Parameter((start if weights is None else weights).to(torch.bfloat16))
+        opt = MeZO([w], lr=1e-6, eps=1e-2, seed=0, weight_decay=0.1)
+        if state is not None:
+            opt.load_state_dict(state)
+        for _ in range(steps):
+            opt.step(lambda: float((w.float() - target).square().sum()))
+        return w.detach().clone(), opt.state_dict()
+
+    straight, _ = run(6)
+    half, state = run(3)
+    resumed, _ = run(3, state, half)
+    assert torch.equal(straight, resumed)
+    assert not torch.equal(straight, start.to(torch.bfloat16))  # the steps moved the weights
