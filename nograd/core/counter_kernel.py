@@ -33,7 +33,7 @@ import torch
 
 from .errors import first_line
 
-__all__ = ["BLOCK_PAIRS", "counter_gaussians", "load_cpu_kernel", "mix64"]
+__all__ = ["BLOCK_PAIRS", "as_int64", "counter_gaussians", "load_cpu_kernel", "mix64"]
 
 BLOCK_PAIRS = 1 << 17  # pairs per call at most: a noise block of 2^18 numbers (noise.BLOCK)
 CACHE_ENV = "NOGRAD_CACHE_DIR"
@@ -41,6 +41,11 @@ AOT_ENV = "NOGRAD_COUNTER_AOT"  # "0": compile in the process instead (no child,
 BUILD_TIMEOUT_S = 600
 
 _C1, _C2, _C3 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64's, as int64
+
+
+def as_int64(key: int) -> int:
+    """A 64-bit key as the signed value an int64 tensor holds (the same 64 bits)."""
+    return key - (1 << 64) if key >= 1 << 63 else key
 
 
 def mix64(x: torch.Tensor) -> torch.Tensor:

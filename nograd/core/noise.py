@@ -62,7 +62,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .compiling import CompiledOrEager
-from .counter_kernel import counter_gaussians, load_cpu_kernel
+from .counter_kernel import as_int64, counter_gaussians, load_cpu_kernel
 
 BLOCK = 1 << 18  # elements per independently keyed block of a tensor's noise
 GROUP = 32  # members whose noise for a small tensor comes from one draw
@@ -145,7 +145,7 @@ class SeededNoise:
 
     def _draw(self, out: torch.Tensor, key: int, generator: torch.Generator | None = None) -> None:
         if self.distribution == "gaussian-counter":
-            base = torch.tensor(key - (1 << 64) if key >= 1 << 63 else key)
+            base = torch.tensor(as_int64(key))
             kernel = load_cpu_kernel() if out.device.type == "cpu" else None
             if kernel is None:
                 _counter_fill()(out.view(-1), base)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .counter_kernel import mix64
+from .counter_kernel import as_int64, mix64
 from .noise import derive_key
 
 __all__ = ["ROUNDED_BITS", "add_rounded_", "round_key", "scale_rounded_", "stochastic_round_"]
@@ -45,7 +45,7 @@ def _random_low_bits(n: int, start: int, key: int, bits: int, device: torch.devi
     """``bits`` uniform random bits (int32) for the elements ``start .. start + n - 1`` of a tensor."""
     first, last = start // 4, (start + n + 3) // 4
     counter = torch.arange(first, last, dtype=torch.int64, device=device)
-    lanes = mix64(counter + (key - (1 << 64) if key >= 1 << 63 else key)).view(torch.int16)
+    lanes = mix64(counter + as_int64(key)).view(torch.int16)
     offset = start - 4 * first
     return lanes[offset : offset + n].to(torch.int32) & ((1 << bits) - 1)
 
