@@ -500,10 +500,21 @@ def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
     return parser
 
 
+def _check_environment() -> None:
+    """Settings read from the environment, checked before any work (one line if one is bad)."""
+    from nograd.core import gemm
+
+    try:
+        gemm.backend()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nograd`` script; returns the exit status."""
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
+        _check_environment()
         parser = build_parser(argv)
         args = parser.parse_args(argv)
         if not getattr(args, "_run", None):

@@ -25,7 +25,11 @@ def test_compiled_throughput_splits_a_generation_into_the_draw_and_the_forward()
     r = get("throughput")(argv)["models"]["mlp"]
     assert 0 < r["compiled_draw_share"] < 1
     assert math.isfinite(r["compiled_forward_ratio"]) and r["compiled_forward_ratio"] > 0
-    assert set(r["compile_s"]) == {"inference", "population"}
+    assert set(r["compile_s"]) == {"inference", "inference_same_gemm", "population"}
+    # the like-for-like yardstick: plain inference through the engine's own GEMM
+    assert r["gemm"] in ("torch", "onednn")
+    for key in ("inference_gemm_speedup", "same_gemm_ratio", "compiled_same_gemm_ratio"):
+        assert math.isfinite(r[key]) and r[key] > 0
 
 
 def test_es_bench_reports_each_strategy_with_the_floor_and_the_draws() -> None:

@@ -20,6 +20,12 @@ def _assert_usage_error(r, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+def test_a_bad_gemm_setting_is_one_line(tmp_path):
+    r = run_cli("train", "--out", str(tmp_path / "o"), env={"NOGRAD_GEMM": "fastest"})
+    _assert_usage_error(r, "NOGRAD_GEMM", "fastest")
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
 @pytest.fixture(scope="module")
 def corrupted_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ck") / "checkpoint.pt"

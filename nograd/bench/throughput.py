@@ -20,11 +20,14 @@ rest). The first compiled call of each is timed apart (``compile_s``) and left o
 
 from __future__ import annotations
 
+import copy
 import time
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 
+from ..core import gemm
 from ..core.engine import BatchedPerturbation, ParamSpace, accumulate, member_directions
 from ..core.noise import SeededNoise
 from ..models.gpt import GPT, GPTConfig
@@ -63,6 +66,15 @@ def measure(
         with torch.no_grad():
             model(rows)
 
+    # plain inference with the engine's own GEMM (oneDNN's where MKL is slow): like for like
+    same_gemm = copy.deepcopy(model)
+    routed = ExitStack()
+    routed.enter_context(gemm.linears_through(same_gemm))
+
+    def inference_same_gemm() -> None:
+        with torch.no_grad():
+            same_gemm(rows)
+
     def population_low() -> None:
         gen[0] += 1  # fresh noise each call, as in training
         with batched_low.apply(gen[0], dirs):
@@ -81,6 +93,7 @@ def measure(
 
     timed = {
         "inference": inference,
+        "inference_same_gemm": inference_same_gemm,
         "low": population_low,
         "low_update": population_low_update,
         "full": population_full,
@@ -89,10 +102,15 @@ def measure(
     if compile:
         batched_compiled = BatchedPerturbation(model, low, noise, compile=True)
         plain_compiled = torch.compile(model)
+        same_gemm_compiled = torch.compile(same_gemm)
 
         def inference_compiled() -> None:
             with torch.no_grad():
                 plain_compiled(rows)
+
+        def inference_same_gemm_compiled() -> None:
+            with torch.no_grad():
+                same_gemm_compiled(rows)
 
         def population_compiled() -> None:
             gen[0] += 1
@@ -104,22 +122,35 @@ def measure(
             with batched_compiled.apply(gen[0], dirs):
                 pass
 
-        for name, fn in (("inference", inference_compiled), ("population", population_compiled)):
+        first_calls = (
+            ("inference", inference_compiled),
+            ("inference_same_gemm", inference_same_gemm_compiled),
+            ("population", population_compiled),
+        )
+        for name, fn in first_calls:
             start = time.perf_counter()
             fn()  # compiles
             compiled[name] = time.perf_counter() - start
         timed.update(
             {
                 "inference_compiled": inference_compiled,
+                "inference_same_gemm_compiled": inference_same_gemm_compiled,
                 "low_compiled": population_compiled,
                 "draw": draw_compiled,
             }
         )
-    t = interleaved_medians(timed, repeats=repeats)
+    try:
+        t = interleaved_medians(timed, repeats=repeats)
+    finally:
+        routed.close()
     out = {
         "params": low.numel,
         "population": population,
         "rank": rank,
+        "gemm": gemm.backend(),
+        # what the engine's GEMM alone gives plain inference: torch's time / the engine kernel's
+        "inference_gemm_speedup": t["inference"] / t["inference_same_gemm"],
+        "same_gemm_ratio": t["inference_same_gemm"] / t["low"],
         "tokens_per_forward": tokens,
         "inference_tokens_per_s": tokens / t["inference"],
         "population_tokens_per_s": tokens / t["low"],
@@ -132,6 +163,7 @@ def measure(
         out.update(
             {
                 "compiled_ratio": t["inference_compiled"] / t["low_compiled"],
+                "compiled_same_gemm_ratio": t["inference_same_gemm_compiled"] / t["low_compiled"],
                 "compiled_vs_eager_ratio": t["inference"] / t["low_compiled"],
                 # how the compiled generation's time splits: drawing its noise, and the forward
                 "compiled_draw_share": t["draw"] / t["low_compiled"],

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemm
 from .compiling import CompiledOrEager
 from .noise import SeededNoise
 from .rounding import ROUNDED_BITS, add_rounded_, round_key, stochastic_round_
@@ -567,6 +568,7 @@ class BatchedPerturbation:
             if not supported:
                 self.fallback.append(m)
         self._compile = bool(compile)
+        gemm.backend()  # chosen now, not inside a compiled trace
         self._live: _Live | None = None
         self._forwards: dict[int, Callable] = {}  # module id -> its population forward (compiled mode)
         self._compiled: CompiledOrEager | None = None
@@ -725,32 +727,36 @@ class BatchedPerturbation:
         """:meth:`_linear` without in-place updates, for the compiler: ``x W^T + b`` plus each
         member's ``(x B_i) A_i^T`` (and bias noise) as plain expressions it can fuse with what follows."""
         space, live, idx_of = self.space, self._live, self.space.index_of
-        out = F.linear(x_in, mod.weight, mod.bias)
+        # no bias in the matmul: addmm would first copy the bias into every output row (a full
+        # pass over the output); added below, it joins the kernel that adds the low-rank term
+        out = gemm.linear(x_in, mod.weight)
         x = self._grouped(x_in).flatten(1, -2)
         shape = (x.shape[0], x.shape[1], out.shape[-1])
         wi = idx_of.get(id(mod.weight))
         bi = idx_of.get(id(mod.bias)) if mod.bias is not None else None
-        extra = None
+        terms = [] if mod.bias is None else [mod.bias.to(x.dtype)]
         if wi is not None and space.lowrank[wi]:
             a, b = self._factors(wi)
             xb = torch.bmm(x, b.to(x.dtype))  # (P, rows, r)
             # a sum of r broadcast products, not a bmm: a pointwise expression, which the
             # compiler fuses with the add to x W^T and with the activation that follows
             at = a.transpose(1, 2).to(x.dtype)  # (P, r, out)
-            extra = sum(xb[..., k : k + 1] * at[:, k : k + 1] for k in range(xb.shape[-1]))
+            terms += [xb[..., k : k + 1] * at[:, k : k + 1] for k in range(xb.shape[-1])]
         elif wi is not None and live.pair_scale is not None:
             et = self._pair_dense(wi).transpose(1, 2).to(x.dtype)
             sign = x.new_tensor([1.0, -1.0]).view(1, 2, 1, 1)
             xs = (x.unflatten(0, (-1, 2)) * sign).flatten(1, 2)
-            extra = (torch.bmm(xs, et) * live.pair_scale).view(shape)
+            terms.append((torch.bmm(xs, et) * live.pair_scale).view(shape))
         elif wi is not None:
-            extra = torch.bmm(x, self._dense(wi).transpose(1, 2).to(x.dtype))
+            terms.append(torch.bmm(x, self._dense(wi).transpose(1, 2).to(x.dtype)))
         if bi is not None:
-            db = self._dense(bi).unsqueeze(1).to(x.dtype)
-            extra = db if extra is None else extra + db
-        if extra is None:
+            terms.append(self._dense(bi).unsqueeze(1).to(x.dtype))
+        if not terms:
             return out
-        return (out.reshape(shape) + extra).reshape(out.shape)
+        out = out.reshape(shape)
+        for t in terms:
+            out = out + t
+        return out.reshape(*x_in.shape[:-1], out.shape[-1])
 
     def _dense_weight(self, mod: nn.Linear) -> bool:
         """Whether the layer's weight is searched with dense (not low-rank) noise."""
@@ -881,10 +887,9 @@ class BatchedPerturbation:
             elif isinstance(m, nn.Linear) and self._dense_weight(m):
                 patched.append((m, m.forward))
                 m.forward = lambda x, m=m: self._dense_linear(m, x)
-            elif isinstance(m, nn.Linear):
-                handles.append(
-                    m.register_forward_hook(lambda mod, args, out: self._linear(mod, args[0], out))
-                )
+            elif isinstance(m, nn.Linear):  # the shared product through this machine's faster GEMM
+                patched.append((m, m.forward))
+                m.forward = lambda x, m=m: self._linear(m, x, gemm.linear(x, m.weight, m.bias))
             elif isinstance(m, nn.Embedding):
                 handles.append(
                     m.register_forward_hook(lambda mod, args, out: self._embedding(mod, args[0], out))

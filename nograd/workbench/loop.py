@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from nograd.core import gemm
 from nograd.core.allocator import available_bytes, retain_freed_memory
 from nograd.core.distributed import Collective, default_group
 from nograd.core.errors import RunAborted, UsageError, first_line
@@ -409,6 +410,7 @@ class Run:
             "wall_s": self.wall,
             "forward_tokens": self.forward_tokens,
             "compile_s": self.compile_s,
+            "gemm": gemm.backend(),  # the population engine's float32 CPU matmul (nograd.core.gemm)
             "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "sample": "",
         }

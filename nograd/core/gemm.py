@@ -1,0 +1,142 @@
+"""The dense matmul of the batched engine's linear layers: torch's, or oneDNN's where MKL is slow.
+
+torch's x86 CPU wheels run a float32 ``nn.Linear`` through MKL's sgemm. On CPUs that are not
+Intel's, MKL picks a slower code path; oneDNN, which ships in the same wheel and which torch
+already uses for bfloat16, does not. On this project's AMD EPYC machine, one thread, oneDNN's
+float32 linear took 0.43-0.57x of MKL's time on every shape tried, from 8192 x 32 x 32 to
+16384 x 512 x 128 (``nograd bench throughput`` reports the effect on a whole forward: its
+``inference_onednn_ratio``). For bfloat16 the two are the same kernel.
+
+:func:`linear` is what the population engine (:class:`nograd.core.engine.BatchedPerturbation`)
+calls for each layer's shared dense product. The backend is chosen once per process, the same
+way every time, so a resumed run computes with the same kernel as the run it resumes:
+
+* ``NOGRAD_GEMM=torch`` or ``onednn`` forces one;
+* otherwise (``auto``) oneDNN for float32 on a CPU whose vendor is not ``GenuineIntel`` when
+  torch links MKL and ships oneDNN's linear, and torch's everywhere else (CUDA: cuBLAS).
+
+The oneDNN call is registered as a custom op, so ``torch.compile`` keeps it as one opaque kernel
+and fuses what follows (bias, low-rank term, activation) in its own code. It has no backward:
+with autograd recording, :func:`linear` is torch's.
+
+Example:
+    >>> import torch
+    >>> x, w = torch.randn(8, 4), torch.randn(3, 4)
+    >>> torch.allclose(linear(x, w), x @ w.T, atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ENV_VAR", "backend", "linear", "linears_through", "set_backend"]
+
+ENV_VAR = "NOGRAD_GEMM"
+CHOICES = ("auto", "torch", "onednn")
+
+_chosen: str | None = None
+
+
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _cpu_vendor() -> str | None:
+    """The x86 vendor string from ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD``), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def choose_backend(setting: str | None = None) -> str:
+    """The backend for ``setting`` (default: ``$NOGRAD_GEMM``, else ``auto``): ``torch`` or ``onednn``."""
+    setting = (os.environ.get(ENV_VAR, "auto") if setting is None else setting).strip().lower() or "auto"
+    if setting not in CHOICES:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(CHOICES)}, got {setting!r}")
+    if setting == "torch" or not _onednn_linear_available():
+        return "torch"  # (onednn asked for but not in this torch build: torch's)
+    if setting == "onednn":
+        return "onednn"
+    vendor = _cpu_vendor()
+    slow_mkl = torch.backends.mkl.is_available() and vendor is not None and vendor != "GenuineIntel"
+    return "onednn" if slow_mkl else "torch"
+
+
+def backend() -> str:
+    """This process's backend for float32 CPU linears, chosen on first use (see the module docstring).
+
+    Call it before ``torch.compile`` traces :func:`linear` (the engine and :func:`linears_through`
+    do): the choice reads the environment and ``/proc/cpuinfo``, which a traced graph cannot.
+    """
+    global _chosen
+    if _chosen is None:
+        _chosen = choose_backend()
+    return _chosen
+
+
+def set_backend(name: str) -> str:
+    """Choose the backend for this process, as ``NOGRAD_GEMM`` would (tests, or a library user)."""
+    global _chosen
+    _chosen = choose_backend(name)
+    return _chosen
+
+
+@torch.library.custom_op("nograd::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T (+ b)``, as ``F.linear``, through the faster kernel of this machine (see the module)."""
+    use_onednn = (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and x.dim() >= 2
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and (_chosen if _chosen is not None else backend()) == "onednn"
+    )
+    if use_onednn:
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@contextmanager
+def linears_through(module: nn.Module) -> Iterator[None]:
+    """Within the context, every ``nn.Linear`` of ``module`` computes through :func:`linear`.
+
+    Plain inference of a model with the engine's kernel: a like-for-like yardstick for the
+    population (``nograd bench throughput``). Layers whose class overrides ``forward``, or whose
+    ``forward`` is already patched, are left as they are.
+    """
+    backend()  # chosen now, not inside a compiled trace
+    patched = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and "forward" not in m.__dict__
+    ]
+    for m in patched:
+        m.forward = lambda x, m=m: linear(x, m.weight, m.bias)
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
