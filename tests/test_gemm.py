@@ -117,3 +117,9 @@ def test_the_population_is_the_same_with_either_gemm(backend, compile):
     torch.testing.assert_close(out["onednn"], out["torch"], atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(out["onednn"], model(rows))  # perturbed
+
+
+def test_the_docstring_example_runs():
+    import doctest
+
+    assert doctest.testmod(gemm).failed == 0

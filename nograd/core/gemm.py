@@ -2,14 +2,14 @@
 
 torch's x86 CPU wheels run a float32 ``nn.Linear`` through MKL's sgemm. On CPUs that are not
 Intel's, MKL picks a slower code path; oneDNN, which ships in the same wheel and which torch
-already uses for bfloat16, does not. On this project's AMD EPYC machine, one thread, oneDNN's
-float32 linear took 0.43-0.57x of MKL's time on every shape tried, from 8192 x 32 x 32 to
-16384 x 512 x 128 (``nograd bench throughput`` reports the effect on a whole forward: its
-``inference_onednn_ratio``). For bfloat16 the two are the same kernel.
+already uses for bfloat16, does not. On this project's AMD EPYC machine, one thread, plain
+inference of the char GPT and of the MLP of ``nograd bench throughput`` ran 1.8-1.9x as fast with
+oneDNN's linear (its ``inference_gemm_speedup``; BENCHMARKS.md). bfloat16 is left to torch,
+which already calls oneDNN for it.
 
 :func:`linear` is what the population engine (:class:`nograd.core.engine.BatchedPerturbation`)
 calls for each layer's shared dense product. The backend is chosen once per process, the same
-way every time, so a resumed run computes with the same kernel as the run it resumes:
+way every time, so a run resumed on the same machine computes with the same kernel as before:
 
 * ``NOGRAD_GEMM=torch`` or ``onednn`` forces one;
 * otherwise (``auto``) oneDNN for float32 on a CPU whose vendor is not ``GenuineIntel`` when
