@@ -74,6 +74,23 @@ def test_autograd_gets_torchs_linear(backend):
 
 
 @needs_onednn
+def test_jvp_and_forward_mode_get_torchs_linear(backend):
+    # the custom op has no forward-mode formula: through it a jvp would give a zero tangent
+    backend("onednn")
+    torch.manual_seed(0)
+    x, t, w = torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4)
+    _, tangent = torch.func.jvp(lambda x: gemm.linear(x, w), (x,), (t,))
+    torch.testing.assert_close(tangent, F.linear(t, w))
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        dual_out = gemm.linear(fwad.make_dual(x, t), w)
+        torch.testing.assert_close(fwad.unpack_dual(dual_out).tangent, F.linear(t, w))
+    per_row = torch.func.vmap(lambda row: gemm.linear(row.unsqueeze(0), w))(x)
+    torch.testing.assert_close(per_row.squeeze(1), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
 def test_compiled_code_keeps_the_onednn_call_whole(backend):
     backend("onednn")
     torch.manual_seed(0)
@@ -123,3 +140,31 @@ def test_the_docstring_example_runs():
     import doctest
 
     assert doctest.testmod(gemm).failed == 0
+
+
+@needs_onednn
+@pytest.mark.parametrize("optimizer", ["mezo", "adamw", "forward-grad"])
+def test_training_runs_its_no_grad_forwards_through_the_engines_gemm(
+    backend, monkeypatch, tmp_path, optimizer
+):
+    from _foundation import tiny_config
+
+    from nograd.workbench import train
+
+    summaries = {}
+    for name in ("torch", "onednn"):
+        backend(name)
+        routed = []
+        real = gemm._onednn_linear
+        monkeypatch.setattr(
+            gemm, "_onednn_linear", lambda *a, real=real, routed=routed: routed.append(1) or real(*a)
+        )
+        (tmp_path / name).mkdir()
+        summaries[name] = train(tiny_config(tmp_path / name, optimizer=optimizer, steps=2, eval_every=2))
+        monkeypatch.setattr(gemm, "_onednn_linear", real)
+        assert summaries[name]["gemm"] == name and summaries[name]["steps"] == 2
+        assert bool(routed) == (name == "onednn")  # the evaluations (and MeZO's forwards) went through oneDNN
+    # the same run either way, up to the kernels' rounding
+    assert summaries["onednn"]["final_val_loss"] == pytest.approx(
+        summaries["torch"]["final_val_loss"], abs=1e-4
+    )

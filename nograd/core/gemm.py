@@ -16,8 +16,9 @@ way every time, so a run resumed on the same machine computes with the same kern
   torch links MKL and ships oneDNN's linear, and torch's everywhere else (CUDA: cuBLAS).
 
 The oneDNN call is registered as a custom op, so ``torch.compile`` keeps it as one opaque kernel
-and fuses what follows (bias, low-rank term, activation) in its own code. It has no backward:
-with autograd recording, :func:`linear` is torch's.
+and fuses what follows (bias, low-rank term, activation) in its own code. It has no derivative
+formulas: with autograd recording, or under ``torch.func`` / forward-mode AD, :func:`linear` is
+torch's.
 
 Example:
     >>> import torch
@@ -33,8 +34,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import peek_interpreter_stack
 
 __all__ = ["ENV_VAR", "backend", "linear", "linears_through", "set_backend"]
 
@@ -103,6 +106,17 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _differentiating(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records these tensors, or a forward-mode or ``torch.func`` transform is
+    active. The custom op has no derivative formulas: under ``torch.func.jvp`` it would silently
+    give a zero tangent, so every such case goes to torch's linear."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    if torch.compiler.is_compiling():  # a traced graph: the checks below are for eager transforms
+        return False
+    return forward_ad._current_level >= 0 or peek_interpreter_stack() is not None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T (+ b)``, as ``F.linear``, through the faster kernel of this machine (see the module)."""
     use_onednn = (
@@ -111,8 +125,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and weight.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)
         and x.dim() >= 2
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and (_chosen if _chosen is not None else backend()) == "onednn"
+        and not _differentiating(x, weight, bias)
     )
     if use_onednn:
         return _onednn_linear(x, weight, bias)

@@ -357,7 +357,15 @@ class Run:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict[str, Any]:
-        """Step until the step count or the time budget runs out, or the watched metric diverges."""
+        """Step until the step count or the time budget runs out, or the watched metric diverges.
+
+        Forwards that record no gradient (every forward-only method's, and the evaluations) run
+        the model's linear layers through this machine's faster float32 GEMM (:mod:`nograd.core.gemm`).
+        """
+        with gemm.linears_through(self.model):
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.cfg
         primary = self.task.metrics[0]
         rate = "member-tok/s" if self.info.population else "tok/s"
