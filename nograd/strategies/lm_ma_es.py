@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from nograd.core import gemm
 from nograd.strategies.base import F64, Strategy, log_weights
 
 __all__ = ["LMMAES"]
@@ -89,6 +90,7 @@ class LMMAES(Strategy):
         self.M: Tensor = torch.zeros(m, n, dtype=F64)
         self.p_sigma: Tensor = torch.zeros(n, dtype=F64)
         self._system: tuple | None = None
+        self._memory: tuple | None = None
 
     @property
     def memory(self) -> int:
@@ -105,10 +107,23 @@ class LMMAES(Strategy):
         used = min(self.generation, self.memory)
         if used == 0:
             return z.clone()
-        M, system, rhs_scale, tail, scale = self._transform_system()
-        m = M.to(z.dtype)  # float32 samples: the k x J x n products in float32, the J x J solve in float64
-        beta = torch.linalg.solve_triangular(system, rhs_scale.unsqueeze(1) * (m @ z.T).to(F64), upper=False)
-        return torch.addmm(z, (tail.unsqueeze(1) * beta).T.to(z.dtype), m, beta=scale)
+        _, system, rhs_scale, tail, scale = self._transform_system()
+        m, mt = self._memory_in(z.dtype)
+        # float32 samples: the k x J x n products in float32 (through the engine's GEMM), the J x J
+        # solve in float64
+        zm = gemm.linear(z, m)  # (k, J) = z M^T
+        beta = torch.linalg.solve_triangular(system, rhs_scale.unsqueeze(1) * zm.T.to(F64), upper=False)
+        coeffs = (tail.unsqueeze(1) * beta).T.to(z.dtype)  # (k, J)
+        return gemm.linear(coeffs, mt).add_(z, alpha=scale)  # s z + coeffs M
+
+    def _memory_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The used ``M_j`` in the samples' dtype, as rows ``(J, n)`` and as columns ``(n, J)`` (both
+        contiguous, the layouts the two products read; cached: ``M`` is fixed within a generation)."""
+        key = (self.generation, self.M.data_ptr(), dtype)
+        if self._memory is None or self._memory[0] != key:
+            m = self.M[: min(self.generation, self.memory)].to(dtype)
+            self._memory = (key, (m, m.T.contiguous()))
+        return self._memory[1]
 
     def _transform_system(self) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
         """Per-generation constants of :meth:`transform` (cached: ``M`` is fixed within a generation).
@@ -160,4 +175,4 @@ class LMMAES(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._system = None
+        self._system = self._memory = None
