@@ -1,4 +1,4 @@
-"""The dense matmul of the batched engine's linear layers: torch's, or oneDNN's where MKL is slow.
+"""The float32 matmul of nograd's forwards without gradients: torch's, or oneDNN's where MKL is slow.
 
 torch's x86 CPU wheels run a float32 ``nn.Linear`` through MKL's sgemm. On CPUs that are not
 Intel's, MKL picks a slower code path; oneDNN, which ships in the same wheel and which torch
@@ -8,7 +8,9 @@ oneDNN's linear (its ``inference_gemm_speedup``; BENCHMARKS.md). bfloat16 is lef
 which already calls oneDNN for it.
 
 :func:`linear` is what the population engine (:class:`nograd.core.engine.BatchedPerturbation`)
-calls for each layer's shared dense product. The backend is chosen once per process, the same
+calls for each layer's shared dense product, and LM-MA-ES for its candidates' products;
+``nograd train`` runs every forward that records no gradient through it
+(:func:`linears_through`). The backend is chosen once per process, the same
 way every time, so a run resumed on the same machine computes with the same kernel as before:
 
 * ``NOGRAD_GEMM=torch`` or ``onednn`` forces one;
@@ -37,7 +39,9 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
-from torch._C._functorch import peek_interpreter_stack
+
+# torch.func's transform stack (private; without it, or without custom ops, oneDNN is never used)
+_peek_transforms = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
 
 __all__ = ["ENV_VAR", "backend", "linear", "linears_through", "set_backend"]
 
@@ -48,7 +52,12 @@ _chosen: str | None = None
 
 
 def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return (
+        _onednn_linear is not None
+        and _peek_transforms is not None
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 def _cpu_vendor() -> str | None:
@@ -96,14 +105,23 @@ def set_backend(name: str) -> str:
     return _chosen
 
 
-@torch.library.custom_op("nograd::onednn_linear", mutates_args=())
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+def _register_onednn_linear():
+    """oneDNN's linear as the custom op ``nograd::onednn_linear`` (None before torch 2.4)."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+
+    @torch.library.custom_op("nograd::onednn_linear", mutates_args=())
+    def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+
+    @onednn_linear.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    return onednn_linear
 
 
-@_onednn_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+_onednn_linear = _register_onednn_linear()
 
 
 def _differentiating(*tensors: torch.Tensor | None) -> bool:
@@ -114,7 +132,7 @@ def _differentiating(*tensors: torch.Tensor | None) -> bool:
         return True
     if torch.compiler.is_compiling():  # a traced graph: the checks below are for eager transforms
         return False
-    return forward_ad._current_level >= 0 or peek_interpreter_stack() is not None
+    return forward_ad._current_level >= 0 or _peek_transforms() is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
