@@ -155,9 +155,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linears_through(module: nn.Module) -> Iterator[None]:
     """Within the context, every ``nn.Linear`` of ``module`` computes through :func:`linear`.
 
-    Plain inference of a model with the engine's kernel: a like-for-like yardstick for the
-    population (``nograd bench throughput``). Layers whose class overrides ``forward``, or whose
-    ``forward`` is already patched, are left as they are.
+    ``nograd train`` wraps a run in it, and the benchmarks their inference yardsticks, so that
+    both sides of a ratio use one kernel. Gradient-recording forwards still get torch's linear
+    (see :func:`linear`). Layers whose class overrides ``forward``, or whose ``forward`` is
+    already patched, are left as they are.
     """
     backend()  # chosen now, not inside a compiled trace
     patched = [

@@ -418,7 +418,7 @@ class Run:
             "wall_s": self.wall,
             "forward_tokens": self.forward_tokens,
             "compile_s": self.compile_s,
-            "gemm": gemm.backend(),  # the population engine's float32 CPU matmul (nograd.core.gemm)
+            "gemm": gemm.backend(),  # the float32 CPU matmul of the no-grad forwards (nograd.core.gemm)
             "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "sample": "",
         }
