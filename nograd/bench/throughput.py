@@ -16,6 +16,13 @@ way: ``compiled_ratio`` = compiled inference time / compiled population time, an
 generation's time is split into drawing its noise (``compiled_draw_share``, the context opened
 with no forward) and the forward (``compiled_forward_ratio`` = compiled inference time / the
 rest). The first compiled call of each is timed apart (``compile_s``) and left out of the medians.
+
+The engine computes its linear layers' shared product with this machine's faster float32 GEMM
+(:mod:`nograd.core.gemm`: oneDNN on x86 CPUs that are not Intel's, whose MKL path is slow), which
+plain inference of the module does not. So the bench also times plain inference through the same
+GEMM (``gemm`` names it): ``inference_gemm_speedup`` = plain inference's time / its time with the
+engine's GEMM, and ``same_gemm_ratio`` / ``compiled_same_gemm_ratio`` are the ratios above against
+that like-for-like yardstick.
 """
 
 from __future__ import annotations
