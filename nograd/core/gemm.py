@@ -3,7 +3,7 @@
 torch's x86 CPU wheels run a float32 ``nn.Linear`` through MKL's sgemm. On CPUs that are not
 Intel's, MKL picks a slower code path; oneDNN, which ships in the same wheel and which torch
 already uses for bfloat16, does not. On this project's AMD EPYC machine, one thread, plain
-inference of the char GPT and of the MLP of ``nograd bench throughput`` ran 1.8-1.9x as fast with
+inference of the char GPT and of the MLP of ``nograd bench throughput`` ran 1.7-1.9x as fast with
 oneDNN's linear (its ``inference_gemm_speedup``; BENCHMARKS.md). bfloat16 is left to torch,
 which already calls oneDNN for it.
 
