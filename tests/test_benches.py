@@ -41,6 +41,17 @@ def test_es_bench_reports_each_strategy_with_the_floor_and_the_draws() -> None:
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0
 
 
+def test_es_bench_times_lm_ma_es_with_its_memory_full() -> None:
+    """LM-MA-ES's generation t uses min(t, m) vectors: the bench times it once all m are in use."""
+    from nograd.strategies import LMMAES
+
+    argv = ["--dim", "600", "--population", "8", "--repeats", "1", "--strategies", "lm-ma-es,snes"]
+    out = get("es")([*argv, "--threads", "1"])
+    m = LMMAES([0.0] * out["dim"], 1.0).memory
+    assert out["strategies"]["lm-ma-es"]["generations_before_timing"] == m + 1
+    assert out["strategies"]["snes"]["generations_before_timing"] == 1
+
+
 def test_memory_bench_counts_the_noise_table() -> None:
     # weights of 50 MB, so that one forward rises clearly above the peak RSS of the imports
     argv = ["--n-layer", "4", "--n-head", "4", "--n-embd", "512", "--block-size", "16", "--batch-size", "2"]

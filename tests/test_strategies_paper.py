@@ -77,6 +77,28 @@ def test_lm_ma_es_one_generation_by_hand() -> None:
     assert es.sigma == pytest.approx(sigma_new, rel=1e-12)
 
 
+def test_lm_ma_es_float32_samples_with_every_memory_vector_in_use() -> None:
+    """With float32 samples (as the module adapter runs it) the products, the Gram matrix and the
+    candidates are float32: they match the paper's loop in float64 to float32 rounding once all m
+    vectors are in use."""
+    n = 300
+    es = LMMAES(torch.linspace(-1, 1, n, dtype=torch.float64), 0.3, seed=2)
+    es.sample_dtype = torch.float32
+    for _ in range(es.memory + 2):
+        es.tell(sphere(es.ask().double()))
+    assert es.generation > es.memory
+    y, sigma, M = es.mean.numpy(), es.sigma, es.M.numpy()
+    z = es.standard_normal().double().numpy()
+    d = z.copy()
+    for j in range(es.memory):
+        c = float(es.c_d[j])
+        d = (1 - c) * d + c * np.outer(d @ M[j], M[j])
+    X = es.ask()
+    assert X.dtype == torch.float32
+    np.testing.assert_allclose(X.double().numpy(), y + sigma * d, rtol=1e-5, atol=1e-6)
+    assert np.abs(d - z).max() > 1e-3  # the memory really changes the samples
+
+
 def test_rm_es_one_generation_by_hand() -> None:
     """Li & Zhang (2018), Algorithms 2-3 (sampling, mean, path, path memory, PSR)."""
     n = 30

@@ -104,39 +104,65 @@ class LMMAES(Strategy):
         min(t, m)``) in ``z M^T``: ``d`` costs two ``k x J x n`` matrix products and one small triangular
         solve instead of ``J`` passes over a ``k x n`` matrix. Exactly the same map.
         """
+        return self._transformed(z, 1.0, None)
+
+    def _transformed(self, z: Tensor, factor: float, offset: Tensor | None) -> Tensor:
+        """``offset + factor T(z)`` (``offset`` ``(n,)`` or None): the factor is folded into the
+        coefficients and the offset added by the second product, so no extra pass over the result."""
         used = min(self.generation, self.memory)
         if used == 0:
-            return z.clone()
-        _, system, rhs_scale, tail, scale = self._transform_system()
-        m, mt = self._memory_in(z.dtype)
-        # float32 samples: the k x J x n products in float32 (through the engine's GEMM), the J x J
-        # solve in float64
-        zm = gemm.linear(z, m)  # (k, J) = z M^T
-        beta = torch.linalg.solve_triangular(system, rhs_scale.unsqueeze(1) * zm.T.to(F64), upper=False)
-        coeffs = (tail.unsqueeze(1) * beta).T.to(z.dtype)  # (k, J)
-        return gemm.linear(coeffs, mt).add_(z, alpha=scale)  # s z + coeffs M
+            out = z * factor
+            return out if offset is None else out.add_(offset)
+        system, rhs_scale, tail, scale = self._transform_system()
+        bias = None if offset is None else offset.to(z.dtype)
+        if z.dtype == torch.float32:
+            # float32 samples: the k x J x n products through the engine's GEMM, which reads M
+            # as rows for z M^T and as columns for β M; the J x J solve stays in float64
+            m, mt = self._memory_float32()
+            zm = gemm.linear(z, m)
 
-    def _memory_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The used ``M_j`` in the samples' dtype, as rows ``(J, n)`` and as columns ``(n, J)`` (both
-        contiguous, the layouts the two products read; cached: ``M`` is fixed within a generation)."""
-        key = (self.generation, self.M.data_ptr(), dtype)
+            def mix(coeffs: Tensor) -> Tensor:
+                return gemm.linear(coeffs, mt, bias)
+        else:  # float64 rows (tell's one weighted sum, flat problems): M is read in place
+            M = self.M[:used].to(z.dtype)  # no copy for float64
+            zm = z @ M.T
+
+            def mix(coeffs: Tensor) -> Tensor:
+                return coeffs @ M if bias is None else torch.addmm(bias, coeffs, M)
+
+        beta = torch.linalg.solve_triangular(system, rhs_scale.unsqueeze(1) * zm.T.to(F64), upper=False)
+        coeffs = (factor * tail.unsqueeze(1) * beta).T.to(z.dtype)  # (k, J)
+        return mix(coeffs).add_(z, alpha=factor * scale)  # offset + factor (s z + β M)
+
+    def _memory_float32(self) -> tuple[Tensor, Tensor]:
+        """The used ``M_j`` in float32 as rows ``(J, n)`` and as columns ``(n, J)``, both contiguous
+        (cached: ``M`` is fixed within a generation)."""
+        key = (self.generation, self.M.data_ptr())
         if self._memory is None or self._memory[0] != key:
-            m = self.M[: min(self.generation, self.memory)].to(dtype)
+            m = self.M[: min(self.generation, self.memory)].to(torch.float32)
             self._memory = (key, (m, m.T.contiguous()))
         return self._memory[1]
 
-    def _transform_system(self) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    def _transform_system(self) -> tuple[Tensor, Tensor, Tensor, float]:
         """Per-generation constants of :meth:`transform` (cached: ``M`` is fixed within a generation).
 
         With ``a_l = 1 - c_d,l`` the transform ``j`` computes ``p_j = d_{j-1}·M_j`` and sets
         ``β_j = c_d,j p_j``, after which every earlier coefficient is scaled by ``a_j``. Hence
         ``β_j = c_d,j (Π_{l<j} a_l (z·M_j) + Σ_{i<j} Π_{i<l<j} a_l (M_i·M_j) β_i)``.
+
+        The Gram matrix ``M_i·M_j`` (``J^2 n`` multiply-adds) is computed in the samples' dtype: with
+        float32 samples its rounding is of the order of the float32 products it steers.
         """
         key = (self.generation, self.M.data_ptr())
         if self._system is not None and self._system[0] == key:
             return self._system[1]
         used = min(self.generation, self.memory)
-        M = self.M[:used]
+        if self.sample_dtype == torch.float32:
+            m, _ = self._memory_float32()
+            gram = gemm.linear(m, m).to(F64)
+        else:
+            M = self.M[:used]
+            gram = M @ M.T
         c = self.c_d[:used].tolist()
         a = [1 - x for x in c]
         ratio = torch.zeros(used, used, dtype=F64)  # ratio[j, i] = Π_{i<l<j} a_l
@@ -148,20 +174,19 @@ class LMMAES(Strategy):
                 ratio[j, i] = prod
                 prod *= a[i]
         cvec = torch.tensor(c, dtype=F64)
-        system = torch.eye(used, dtype=F64) - cvec.unsqueeze(1) * (ratio * (M @ M.T))
+        system = torch.eye(used, dtype=F64) - cvec.unsqueeze(1) * (ratio * gram)
         rhs_scale = cvec * torch.tensor(prefix[:used], dtype=F64)
         tail = torch.tensor(
             [prefix[used] / prefix[i + 1] if prefix[i + 1] else 0.0 for i in range(used)], dtype=F64
         )
         if 0.0 in prefix[1:]:  # some a_l == 0 (c_d = 1, n = 1): products without division
             tail = torch.tensor([math.prod(a[i + 1 : used]) for i in range(used)], dtype=F64)
-        value = (M, system, rhs_scale, tail, prefix[used])
+        value = (system, rhs_scale, tail, prefix[used])
         self._system = (key, value)
         return value
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
-        z = self.standard_normal(members)
-        return self.transform(z).mul_(self.sigma).add_(self.mean.to(z.dtype))
+        return self._transformed(self.standard_normal(members), self.sigma, self.mean)
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         n, cs = self.dim, self.c_sigma
@@ -169,8 +194,8 @@ class LMMAES(Strategy):
         d_w = self.transform(z_w.unsqueeze(0))[0]
         self.mean = self.mean + self.sigma * d_w
         self.p_sigma = (1 - cs) * self.p_sigma + math.sqrt(self.mu_w * cs * (2 - cs)) * z_w
-        cc = self.c_c.unsqueeze(1)
-        self.M = (1 - cc) * self.M + (self.mu_w * cc * (2 - cc)).sqrt() * z_w
+        cc = self.c_c
+        self.M.mul_((1 - cc).unsqueeze(1)).addr_((self.mu_w * cc * (2 - cc)).sqrt(), z_w)  # in place
         self.sigma = self.sigma * math.exp(cs / 2 * (float(self.p_sigma.square().sum()) / n - 1))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
