@@ -255,6 +255,25 @@ def test_few_shot_split_is_disjoint_balanced_and_seeded(assets):
         assert len(a[name][1]) == n and a[name][1].count(0) == n // 2
 
 
+def test_a_larger_dev_set_keeps_the_training_and_test_sets(assets):
+    texts, labels = read_labelled(assets[1], "text", "sentiment")
+    texts = [str(i) for i in range(len(texts))]
+    classes = ["negative", "positive"]
+    base = few_shot_split(texts, labels, classes, k=4, test_size=20, seed=3)
+    more = few_shot_split(texts, labels, classes, k=4, test_size=20, seed=3, dev_k=12)
+    assert more["train"] == base["train"] and more["test"] == base["test"]
+    assert more["dev"][0][:8] == base["dev"][0] and len(more["dev"][0]) == 24
+    assert more["dev"][1].count(0) == 12
+    seen = [set(more[s][0]) for s in ("train", "dev", "test")]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    fewer = few_shot_split(texts, labels, classes, k=4, test_size=20, seed=3, dev_k=2)
+    assert len(fewer["dev"][0]) == 4 and set(fewer["dev"][0]) <= set(base["dev"][0])
+    assert set(fewer["test"][0]) == set(base["test"][0])
+    n_neg = labels.count("negative")
+    with pytest.raises(UsageError, match="with --dev-k"):
+        few_shot_split(texts, labels, classes, k=4, test_size=20, seed=3, dev_k=n_neg)
+
+
 def test_jsonl_data(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"review": "fine", "stars": "5"}\n\n{"review": "bad", "stars": "1"}\n')

@@ -5,8 +5,9 @@
   some bytes are not UTF-8, which are read as U+FFFD);
 * :func:`read_labelled` reads ``(texts, labels)`` from a CSV (with a header) or a JSONL file;
 * :func:`few_shot_split` draws MeZO's protocol (Malladi et al. 2023, after Gao et al. 2021):
-  ``k`` training examples per class, a dev set of the same size for choosing the checkpoint,
-  and a balanced test set (``test_size``, or all that are left), disjoint, with a fixed seed.
+  ``k`` training examples per class, a dev set of the same size for choosing the checkpoint (or
+  ``dev_k`` per class), and a balanced test set (``test_size``, or all that are left), disjoint,
+  with a fixed seed.
 
 Example:
     >>> texts = [f"t{i}" for i in range(12)]
@@ -84,13 +85,23 @@ def read_labelled(
 
 
 def few_shot_split(
-    texts: Sequence[str], labels: Sequence[str], classes: Sequence[str], k: int, test_size: int, seed: int
+    texts: Sequence[str],
+    labels: Sequence[str],
+    classes: Sequence[str],
+    k: int,
+    test_size: int,
+    seed: int,
+    dev_k: int | None = None,
 ) -> dict[str, tuple[list[str], list[int]]]:
     """``{"train", "dev", "test"}`` -> (texts, class indices), disjoint and drawn with ``seed``.
 
     Per class: ``k`` training and ``k`` dev examples, then ``test_size // len(classes)`` test
     examples or, when a class has fewer left, as many as every class has left (balanced).
+    ``dev_k`` (default ``k``) dev examples per class: fewer take the first of the ``k``; more add
+    examples drawn after the test ones, so the training and test sets stay those of ``dev_k = k``.
     """
+    dev_k = k if dev_k is None else dev_k
+    extra = max(0, dev_k - k)
     known = set(labels)
     missing = [c for c in classes if c not in known]
     if missing:
@@ -101,18 +112,31 @@ def few_shot_split(
     by_class = []
     for c in classes:
         idx = [i for i, label in enumerate(labels) if label == c]
-        if len(idx) < 2 * k + 1:
+        if len(idx) < 2 * k + extra + 1:
             raise UsageError(
-                f"--k {k} needs more than {2 * k} examples of class {c!r} (train and dev), "
-                f"the data has {len(idx)}"
+                f"--k {k}{f' with --dev-k {dev_k}' if extra else ''} needs more than {2 * k + extra} "
+                f"examples of class {c!r} (train and dev), the data has {len(idx)}"
             )
         by_class.append([idx[j] for j in torch.randperm(len(idx), generator=g).tolist()])
-    per_test = min(test_size // len(classes), *(len(ix) - 2 * k for ix in by_class))
+    per_test = min(test_size // len(classes), *(len(ix) - 2 * k - extra for ix in by_class))
     if per_test < 1:
         raise UsageError(f"--test-size {test_size} leaves no test example of each of {len(classes)} classes")
-    split: dict[str, tuple[list[str], list[int]]] = {}
-    for name, lo, hi in (("train", 0, k), ("dev", k, 2 * k), ("test", 2 * k, 2 * k + per_test)):
+
+    def rows_of(lo: int, hi: int, generator: torch.Generator) -> tuple[list[str], list[int]]:
         rows = [(i, ci) for ci, ix in enumerate(by_class) for i in ix[lo:hi]]
-        order = torch.randperm(len(rows), generator=g).tolist()  # classes interleaved
-        split[name] = ([texts[rows[j][0]] for j in order], [rows[j][1] for j in order])
+        order = torch.randperm(len(rows), generator=generator).tolist()  # classes interleaved
+        return [texts[rows[j][0]] for j in order], [rows[j][1] for j in order]
+
+    split = {
+        name: rows_of(lo, hi, g)
+        for name, lo, hi in (
+            ("train", 0, k),
+            ("dev", k, k + min(k, dev_k)),
+            ("test", 2 * k, 2 * k + per_test),
+        )
+    }
+    if extra:  # shuffled apart, so that the default part keeps its order
+        start = 2 * k + per_test
+        more = rows_of(start, start + extra, torch.Generator().manual_seed(seed + 1))
+        split["dev"] = (split["dev"][0] + more[0], split["dev"][1] + more[1])
     return split

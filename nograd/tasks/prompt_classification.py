@@ -71,6 +71,12 @@ class PromptClassificationConfig:
     template: str = option("Tweet: {text}\nSentiment:", "the prompt; {text} is the example")
     k: int = option(16, "training examples per class (and as many for the dev set)", min=1)
     test_size: int = option(1000, "balanced test examples (or all that are left)", min=1)
+    dev_k: int = option(
+        0,
+        "dev examples per class (0: as many as --k); more make the checkpoint choice less coarse, "
+        "and the training and test sets stay the same",
+        min=0,
+    )
     split_seed: int = option(42, "seed of the train/dev/test draw", min=0)
     icl: int = option(0, "demonstrations per class prepended to every prompt (in-context learning)", min=0)
     max_length: int = option(256, "tokens per prompt at most (longer ones lose their start)", min=8)
@@ -178,7 +184,9 @@ class PromptClassificationTask:
         if data is None and self.name == PromptClassificationTask.name:
             raise UsageError("text-classification needs --data (a CSV or JSONL of labelled text)")
         texts, labels = read_labelled(data or tweets_file(), config.text_column, config.label_column)
-        split = few_shot_split(texts, labels, classes, config.k, config.test_size, config.split_seed)
+        split = few_shot_split(
+            texts, labels, classes, config.k, config.test_size, config.split_seed, config.dev_k or None
+        )
         self.model, self.tokenizer = load_causal_lm(config.model, config.dtype)
         self.label_ids = []
         for w in words:
