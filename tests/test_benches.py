@@ -112,14 +112,15 @@ def test_lm_memory_bench_on_a_tiny_llama(tmp_path) -> None:
         "--batch-size",
         "4",
         "--methods",
-        "inference,mezo-lora,eggroll-lora",
+        "inference,mezo-lora,mezo-prefix,eggroll-lora",
         "--population",
         "4",
     ]
     out = get("lm-memory")(argv)
-    assert set(out["memory_ratios"]) == {"mezo-lora", "eggroll-lora"}
+    assert set(out["memory_ratios"]) == {"mezo-lora", "mezo-prefix", "eggroll-lora"}
     assert all(r > 0 and math.isfinite(r) for r in out["memory_ratios"].values())
     assert out["trainable"]["mezo-lora"] < out["weight_bytes"] / 4  # the adapters only
+    assert out["trainable"]["mezo-prefix"] < out["weight_bytes"] / 4
     assert out["eggroll_population"] == 4 and out["eggroll_time_ratio"] > 0
     with pytest.raises(ValueError, match="unknown method"):
         get("lm-memory")(["--methods", "sgd-full"])

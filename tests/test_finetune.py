@@ -140,21 +140,43 @@ def test_spsa_projected_gradient_matches_autograd(assets, tmp_path):
 # ------------------------------------------------------------------ what is trained
 
 
-def test_lora_leaves_the_pretrained_weights_bit_identical(assets, tmp_path):
-    cfg = config(assets, tmp_path, optimizer="mezo", train="lora", lr=1e-2)
+@pytest.mark.parametrize("mode, marker", [("lora", "lora_"), ("prefix", "prompt_encoder")])
+def test_adapters_leave_the_pretrained_weights_bit_identical(assets, tmp_path, mode, marker):
+    cfg = config(assets, tmp_path, optimizer="mezo", train=mode, lr=1e-2)
     task, model = build(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert adapters and all("lora_" in n for n in adapters)
+    assert adapters and all(marker in n for n in adapters)
     summary = train(cfg)
     ckpt = load_checkpoint(Path(summary["out"]) / "checkpoint.pt")
-    assert set(ckpt["model"]) == set(adapters)  # a LoRA checkpoint stores only its adapters
+    assert set(ckpt["model"]) == set(adapters)  # the checkpoint stores only what is trained
     _, trained = build(cfg)  # a fresh base ...
     task.load_model_state(trained, ckpt["model"])  # ... with the trained adapters
     for n, p in trained.named_parameters():
         if n in before:
             assert torch.equal(p, before[n]), n
     assert any(not torch.equal(dict(trained.named_parameters())[n], a) for n, a in adapters.items())
+
+
+def test_the_prefix_starts_as_its_real_tokens_written_before_the_prompt(assets, tmp_path):
+    """Initialised by real activations: the prefixed model scores each prompt as the bare model
+    scores the prefix's tokens followed by the prompt, and padding does not change a row."""
+    cfg = config(assets, tmp_path, train="prefix", prefix_tokens=3)
+    task, model = build(cfg)
+    _, bare = build(config(assets, tmp_path))
+    ids = task.prefix_token_ids()
+    rows = task.encoded["test"][:4]
+    assert len({len(r) for r in rows}) > 1  # the batch below is padded
+    with torch.no_grad():
+        batched = task.label_logits(model, pad_left(rows))
+        for i, row in enumerate(rows):
+            alone = task.label_logits(model, pad_left([row]))[0]
+            written = bare(input_ids=torch.cat([ids, torch.tensor(row)])[None]).logits[0, -1, task.label_ids]
+            torch.testing.assert_close(alone, written.float(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(batched[i], alone, rtol=1e-4, atol=1e-5)
+    _, other = build(config(assets, tmp_path, train="prefix", prefix_tokens=2))
+    with torch.no_grad():  # a shorter prefix scores differently: the prefix is really there
+        assert not torch.allclose(task.label_logits(other, pad_left(rows)), batched, atol=1e-4)
 
 
 def test_bf16_perturb_and_restore_is_exact(assets, tmp_path):
@@ -170,12 +192,13 @@ def test_bf16_perturb_and_restore_is_exact(assets, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_eggroll_population_on_a_llama_matches_members_one_by_one(assets, tmp_path):
-    """The batched engine on a Llama with LoRA: member-major rows, RMSNorm, tied embeddings,
-    attention masks and position ids give each member the loss it has alone."""
+@pytest.mark.parametrize("mode", ["lora", "prefix"])
+def test_eggroll_population_on_a_llama_matches_members_one_by_one(assets, tmp_path, mode):
+    """The batched engine on a Llama with LoRA or a prefix: member-major rows, RMSNorm, tied
+    embeddings, attention masks and position ids give each member the loss it has alone."""
     from nograd.strategies.eggroll import EGGROLL
 
-    task, model = build(config(assets, tmp_path, train="lora"))
+    task, model = build(config(assets, tmp_path, train=mode))
     x, y = pad_left(task.encoded["train"][:4]), torch.tensor(task.split["train"][1][:4])
     batched = EGGROLL(model, sigma=0.05, population=6, lr=1e-3, seed=0, mode="batched")
     alone = EGGROLL(model, sigma=0.05, population=6, lr=1e-3, seed=0, mode="inplace")
@@ -199,8 +222,9 @@ def test_training_improves_dev_accuracy_and_reports_test_predictions(assets, tmp
     assert len(sample) == 8 and all("(true " in line for line in sample)
 
 
-def test_resume_is_exact(assets, tmp_path):
-    one = config(assets, tmp_path, optimizer="mezo", train="lora", lr=1e-2, out=str(tmp_path / "one"))
+@pytest.mark.parametrize("mode", ["lora", "prefix"])
+def test_resume_is_exact(assets, tmp_path, mode):
+    one = config(assets, tmp_path, optimizer="mezo", train=mode, lr=1e-2, out=str(tmp_path / "one"))
     train(one)
     train(replace(one, out=str(tmp_path / "two"), steps=2, lr_decay_steps=4))
     train(replace(one, out=str(tmp_path / "two"), resume="auto"))
@@ -213,7 +237,37 @@ def test_resume_is_exact(assets, tmp_path):
         assert torch.equal(t, b["model"][n]), n
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize(
+    "optimizer, train_what, lr",
+    [("mezo", "full", 1e-6), ("mezo", "lora", 1e-4), ("mezo", "prefix", 1e-3)]
+    + [("adamw", "full", 1e-5), ("adamw", "lora", 1e-4), ("adamw", "prefix", 1e-3)],
+)
+def test_the_default_learning_rates_are_mezos(assets, tmp_path, optimizer, train_what, lr):
+    from nograd.workbench.config import resolve
+
+    cfg = config(assets, tmp_path, optimizer=optimizer, train=train_what)
+    assert resolve(replace(cfg, lr=None)).lr == lr
+
+
+def test_a_checkpoint_from_before_the_prefix_option_resumes(assets, tmp_path):
+    """Checkpoints written before LMSpec had ``prefix_tokens`` lack it: it reads as its default."""
+    from nograd.workbench.checkpoint import save_checkpoint
+
+    one = config(assets, tmp_path, optimizer="mezo", train="lora", lr=1e-2, steps=2)
+    train(one)
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    del ckpt["model_config"]["prefix_tokens"]
+    save_checkpoint(path, ckpt)
+    assert train(replace(one, steps=4, resume="auto"))["steps"] == 4
+    ckpt = load_checkpoint(path)
+    ckpt["model_config"]["prefix_tokens"] = 7  # a different model is still refused
+    save_checkpoint(path, ckpt)
+    with pytest.raises(UsageError, match="does not match"):
+        train(replace(one, steps=6, resume="auto"))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "prefix"])
 def test_the_export_loads_back_with_identical_logits(assets, tmp_path, mode):
     cfg = config(assets, tmp_path, optimizer="adamw", lr=1e-2, steps=2, train=mode)
     train(cfg)

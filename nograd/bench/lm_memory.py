@@ -1,12 +1,12 @@
 """``nograd bench lm-memory``: memory of one fine-tuning step of a pretrained LM against inference.
 
 Every measurement runs in a fresh process that sets up the same run as ``nograd train --task
-tweets-binary`` would (the pretrained model, LoRA or not, the method), draws the same batch, and
-then does one thing once: an inference forward of that batch (``inference``), or one training
-step of a method (``mezo-full``, ``mezo-lora``, ``adamw-full``, ``adamw-lora``,
-``eggroll-lora``). After the set-up the process's peak-RSS mark is reset (Linux ``clear_refs``),
-so what the step adds is its own peak above the set-up: activations, gradients, optimizer
-state, perturbation buffers. With the weights' bytes ``W``:
+tweets-binary`` would (the pretrained model, LoRA, a prefix or neither, the method), draws the
+same batch, and then does one thing once: an inference forward of that batch (``inference``),
+or one training step of a method (``mezo-full``, ``mezo-lora``, ``mezo-prefix``, ``adamw-full``,
+``adamw-lora``, ``eggroll-lora``). After the set-up the process's peak-RSS mark is reset (Linux
+``clear_refs``), so what the step adds is its own peak above the set-up: activations, gradients,
+optimizer state, perturbation buffers. With the weights' bytes ``W``:
 
     memory_ratio(method) = (W + added(method)) / (W + added(inference))
 
@@ -34,6 +34,7 @@ METHODS = {
     "inference": ("mezo", "full"),
     "mezo-full": ("mezo", "full"),
     "mezo-lora": ("mezo", "lora"),
+    "mezo-prefix": ("mezo", "prefix"),
     "adamw-full": ("adamw", "full"),
     "adamw-lora": ("adamw", "lora"),
     "eggroll-lora": ("eggroll", "lora"),

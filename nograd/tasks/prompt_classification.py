@@ -12,11 +12,16 @@ words give ``p(c | x) = softmax_c(logit(w_c))``, and
   ``batch_size`` rows each), given to every one of its rows.
 
 The last two have no gradient: every forward-only method uses them as its fitness, and the
-gradient baselines refuse them. What is trained: all parameters (``--train full``) or LoRA
-adapters through ``peft`` (``--train lora``; the pretrained weights stay bit-identical and a
-checkpoint stores only the adapters). ``--icl N`` prepends N demonstrations per class from the
-training set to every prompt (in-context learning); with ``--steps 0`` that, or the bare
-prompt, is the zero-shot / ICL baseline.
+gradient baselines refuse them. What is trained: all parameters (``--train full``), LoRA
+adapters through ``peft`` (``--train lora``), or a prefix of ``--prefix-tokens`` virtual tokens'
+keys and values in every layer (``--train prefix``, Li & Liang 2021, through ``peft``; MeZO's
+paper also reports it). With adapters or a prefix the pretrained weights stay bit-identical and a
+checkpoint stores only what is trained. The prefix starts as the keys and values the model
+itself computes for ``--prefix-tokens`` random vocabulary tokens (MeZO's "initialised by real
+activations"), and the prompt's positions follow the prefix: at the start the model scores a
+prompt exactly as it would with those tokens written before it. ``--icl N`` prepends N
+demonstrations per class from the training set to every prompt (in-context learning); with
+``--steps 0`` that, or the bare prompt, is the zero-shot / ICL baseline.
 
 Batches are rows of token ids, left-padded with ``-1``; the loss turns them into
 ``input_ids``, an attention mask and position ids counted from each row's first real token,
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,10 +86,17 @@ class PromptClassificationConfig:
     split_seed: int = option(42, "seed of the train/dev/test draw", min=0)
     icl: int = option(0, "demonstrations per class prepended to every prompt (in-context learning)", min=0)
     max_length: int = option(256, "tokens per prompt at most (longer ones lose their start)", min=8)
-    train: str = option("full", "what is trained: all parameters, or LoRA adapters", choices=("full", "lora"))
+    train: str = option(
+        "full",
+        "what is trained: all parameters, LoRA adapters, or a prefix of virtual tokens",
+        choices=("full", "lora", "prefix"),
+    )
     lora_r: int = option(8, "LoRA rank", min=1)
     lora_alpha: float = option(16.0, "LoRA alpha (the update is scaled by alpha / r)", above=0)
     lora_targets: str = option("q_proj,v_proj", "modules that get LoRA adapters, comma-separated")
+    prefix_tokens: int = option(
+        5, "virtual tokens of the prefix (--train prefix; MeZO used 5, with --eps 1e-1)", min=1
+    )
     objective: str = option(
         "ce",
         "the loss: cross-entropy over the label words, or (no gradient) the error rate or 1 - macro-F1",
@@ -128,6 +141,7 @@ class LMSpec:
     lora_r: int
     lora_alpha: float
     lora_targets: str
+    prefix_tokens: int = 0  # 0 unless the prefix is trained (checkpoints from before it lack it)
 
 
 def macro_f1(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
@@ -209,6 +223,7 @@ class PromptClassificationTask:
             config.lora_r,
             config.lora_alpha,
             config.lora_targets,
+            config.prefix_tokens if config.train == "prefix" else 0,
         )
         self.meta = {"classes": classes, "label_words": words}
         chance = {"chance": 1.0 / len(classes)}
@@ -268,11 +283,18 @@ class PromptClassificationTask:
                 p.requires_grad_(True)
             return model
         try:
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig, PrefixTuningConfig, get_peft_model
         except ImportError:
-            raise UsageError("--train lora needs peft: pip install 'nograd[hf]'") from None
+            raise UsageError(f"--train {self.config.train} needs peft: pip install 'nograd[hf]'") from None
         for p in model.parameters():
             p.requires_grad_(False)
+        if self.config.train == "prefix":
+            prefix = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.config.prefix_tokens)
+            with warnings.catch_warnings():  # peft's use of a deprecated transformers name
+                warnings.simplefilter("ignore", FutureWarning)
+                tuned = get_peft_model(model, prefix)
+            self._prefix_from_real_tokens(tuned)
+            return tuned
         targets = [t.strip() for t in self.config.lora_targets.split(",") if t.strip()]
         lora = LoraConfig(
             r=self.config.lora_r,
@@ -288,14 +310,29 @@ class PromptClassificationTask:
         except ValueError as e:
             raise UsageError(f"--lora-targets {self.config.lora_targets!r}: {first_line(e)}") from None
 
+    def prefix_token_ids(self) -> torch.Tensor:
+        """The random vocabulary tokens whose keys and values start the prefix (seeded by the split)."""
+        g = torch.Generator().manual_seed(self.config.split_seed)
+        return torch.randint(len(self.tokenizer), (self.config.prefix_tokens,), generator=g)
+
+    @torch.no_grad()
+    def _prefix_from_real_tokens(self, tuned: nn.Module) -> None:
+        """Set the prefix to the keys and values of :meth:`prefix_token_ids` in every layer, in
+        peft's layout: row ``t`` is ``(2 * layers, kv_heads, head_dim)``, keys then values."""
+        ids = self.prefix_token_ids().unsqueeze(0).to(next(tuned.parameters()).device)
+        cache = tuned.get_base_model()(input_ids=ids, use_cache=True).past_key_values
+        kv = torch.stack([t[0] for layer in cache.layers for t in (layer.keys, layer.values)])
+        weight = tuned.prompt_encoder[tuned.active_adapter].embedding.weight
+        weight.copy_(kv.permute(2, 0, 1, 3).reshape(weight.shape))
+
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores: every weight, or only the LoRA adapters."""
-        if self.config.train == "lora":
+        """What a checkpoint stores: every weight, or only the LoRA adapters or the prefix."""
+        if self.config.train != "full":
             return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         return model.state_dict()
 
     def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        if self.config.train == "lora":
+        if self.config.train != "full":
             params = dict(model.named_parameters())
             if set(state) != {n for n, p in params.items() if p.requires_grad}:
                 raise ValueError("the checkpoint's adapters do not match this model's")
@@ -325,13 +362,17 @@ class PromptClassificationTask:
         """Logits of the label words at each row's answer position, ``(N, classes)`` float32."""
         mask = x != PAD
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-        out = model(
-            input_ids=x.clamp(min=0),
-            attention_mask=mask.long(),
-            position_ids=positions,
-            logits_to_keep=1,
-            use_cache=False,
-        )
+        prefix = self.config.train == "prefix"  # peft shifts the positions past the prefix itself
+        with warnings.catch_warnings() if prefix else nullcontext():
+            if prefix:  # peft hands transformers the prefix under a deprecated argument name
+                warnings.simplefilter("ignore", FutureWarning)
+            out = model(
+                input_ids=x.clamp(min=0),
+                attention_mask=mask.long(),
+                position_ids=positions,
+                logits_to_keep=1,
+                use_cache=False,
+            )
         return out.logits[:, -1, self.label_ids].float()
 
     def per_example_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -399,14 +440,17 @@ class PromptClassificationTask:
     @staticmethod
     def default_lr(method: str, forward_only: bool, config: PromptClassificationConfig) -> float | None:
         """MeZO's learning rates (paper Tables 15-16) when the user gives no --lr: SPSA methods
-        1e-6 on all parameters and 1e-4 on LoRA; Adam-like updates (AdamW, ZO-Adam, an ES with its
-        outer Adam) 1e-5 and 1e-4."""
+        1e-6 on all parameters, 1e-4 on LoRA and 1e-3 on a prefix; Adam-like updates (AdamW,
+        ZO-Adam, an ES with its outer Adam) 1e-5, 1e-4 and 1e-3."""
+        adam_like = method in ("adamw", "muon", "zo-adam", "eggroll", "openai-es")
+        if method not in ZO_METHODS and not adam_like:
+            return None
+        if config.train == "prefix":
+            return 1e-3
         full = config.train == "full"
         if method in ZO_METHODS:
             return 1e-6 if full else 1e-4
-        if method in ("adamw", "muon", "zo-adam", "eggroll", "openai-es"):
-            return 1e-5 if full else 1e-4
-        return None
+        return 1e-5 if full else 1e-4
 
 
 @dataclass

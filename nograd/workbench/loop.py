@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -211,8 +211,12 @@ class Run:
     def _restore(self, ckpt: dict[str, Any]) -> None:
         # The attention kernel is a choice of computation, not of weights: a method may switch
         # it, so it does not have to match.
-        saved_model = {k: v for k, v in ckpt.get("model_config", {}).items() if k != "attention"}
-        if saved_model != {k: v for k, v in asdict(self.task.model_config).items() if k != "attention"}:
+        # A field added since the checkpoint was written reads as its default.
+        spec = self.task.model_config
+        defaults = {f.name: f.default for f in fields(spec) if f.default is not MISSING}
+        saved = {**defaults, **ckpt.get("model_config", {})}
+        saved_model = {k: v for k, v in saved.items() if k != "attention"}
+        if saved_model != {k: v for k, v in asdict(spec).items() if k != "attention"}:
             raise UsageError(
                 "the checkpoint's model does not match this task and data (different data file?)"
             )
