@@ -179,6 +179,23 @@ def test_the_prefix_starts_as_its_real_tokens_written_before_the_prompt(assets, 
         assert not torch.allclose(task.label_logits(other, pad_left(rows)), batched, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_the_lm_head_gets_a_contiguous_input(assets, tmp_path, mode):
+    """logits_to_keep hands the head a strided slice; torch's CPU bfloat16 linear with a frozen
+    weight makes a huge scratch buffer for that (the task makes the input contiguous first)."""
+    task, model = build(config(assets, tmp_path, train=mode))
+    seen = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _, args, out: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        task.label_logits(model, pad_left(task.encoded["test"][:4]))
+    handle.remove()
+    assert seen == [True]
+    assert len(head._forward_pre_hooks) == 1
+    task.build_model()  # built again: still one hook
+    assert len(head._forward_pre_hooks) == 1
+
+
 def test_bf16_perturb_and_restore_is_exact(assets, tmp_path):
     from nograd.zo import SPSAEstimator
 
