@@ -181,8 +181,8 @@ def test_the_prefix_starts_as_its_real_tokens_written_before_the_prompt(assets, 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_the_lm_head_gets_a_contiguous_input(assets, tmp_path, mode):
-    """logits_to_keep hands the head a strided slice; torch's CPU bfloat16 linear with a frozen
-    weight makes a huge scratch buffer for that (the task makes the input contiguous first)."""
+    """logits_to_keep=1 hands the head a strided slice; torch's CPU bfloat16 linear with a frozen
+    weight makes a huge scratch buffer for that (the task asks for the answer position by index)."""
     task, model = build(config(assets, tmp_path, train=mode))
     seen = []
     head = model.get_output_embeddings()
@@ -191,9 +191,6 @@ def test_the_lm_head_gets_a_contiguous_input(assets, tmp_path, mode):
         task.label_logits(model, pad_left(task.encoded["test"][:4]))
     handle.remove()
     assert seen == [True]
-    assert len(head._forward_pre_hooks) == 1
-    task.build_model()  # built again: still one hook
-    assert len(head._forward_pre_hooks) == 1
 
 
 def test_bf16_perturb_and_restore_is_exact(assets, tmp_path):

@@ -278,14 +278,6 @@ class PromptClassificationTask:
 
     def build_model(self) -> nn.Module:
         model = self.model
-        head = model.get_output_embeddings()
-        if head is not None and not getattr(head, "_nograd_contiguous", False):
-            # With logits_to_keep the head gets a strided slice of the hidden states. torch's CPU
-            # bfloat16 linear on a strided 3-D input with a weight that needs no gradient took
-            # about 900 MB of scratch and 1.4 s for SmolLM2's 49,152 x 576 head (vs 6 ms
-            # contiguous): every frozen-head run (LoRA, prefix) paid it on every forward.
-            head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
-            head._nograd_contiguous = True
         if self.config.train == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -366,6 +358,15 @@ class PromptClassificationTask:
 
     # ------------------------------------------------------------------ scoring
 
+    @staticmethod
+    def _answer_index(x: torch.Tensor) -> torch.Tensor:
+        """The answer position as an index tensor for ``logits_to_keep``, so that the head gets a
+        gathered (contiguous) copy of the hidden states, not ``logits_to_keep=1``'s strided slice:
+        torch's CPU bfloat16 linear on a strided 3-D input with a weight that needs no gradient took
+        about 900 MB of scratch and 1.4 s for SmolLM2's 49,152 x 576 head, against 6 ms contiguous,
+        so every frozen-head run (LoRA, prefix) paid that on every forward."""
+        return torch.tensor([x.shape[1] - 1], device=x.device)
+
     def label_logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Logits of the label words at each row's answer position, ``(N, classes)`` float32."""
         mask = x != PAD
@@ -378,7 +379,7 @@ class PromptClassificationTask:
                 input_ids=x.clamp(min=0),
                 attention_mask=mask.long(),
                 position_ids=positions,
-                logits_to_keep=1,
+                logits_to_keep=self._answer_index(x),
                 use_cache=False,
             )
         return out.logits[:, -1, self.label_ids].float()
