@@ -49,6 +49,10 @@ def test_es_bench_times_lm_ma_es_with_its_memory_full() -> None:
     out = get("es")([*argv, "--threads", "1"])
     m = LMMAES([0.0] * out["dim"], 1.0).memory
     assert out["strategies"]["lm-ma-es"]["generations_before_timing"] == m + 1
+    facts = out["strategies"]["lm-ma-es"]
+    assert facts["sampling"] == "direct" and facts["memory_vectors"] == m  # float32 weights
+    assert 1 <= facts["directions"] <= m
+    assert "sampling" not in out["strategies"]["snes"]
     assert out["strategies"]["snes"]["generations_before_timing"] == 1
 
 

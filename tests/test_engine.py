@@ -194,6 +194,24 @@ def test_table_noise_is_slices_of_one_seeded_table():
     assert not torch.equal(noise.full((n,), generation=4, member=1, index=2), z)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "gaussian-table", "gaussian-counter"])
+@pytest.mark.parametrize("n", [SMALL // 2, BLOCK + 10])
+def test_adding_and_summing_members_noise_in_place_equals_drawing_it(kind: str, n: int):
+    """add_members_ and accumulate_ read each member's blocks (the table's slices in place) and give
+    what members() draws, for small tensors (group draws) and tensors of several blocks."""
+    noise = SeededNoise(2, kind)
+    ids = [5, 0, 33, 2]
+    drawn = noise.members((n,), generation=7, members=ids, index=3)
+    base = torch.randn(len(ids), n)
+    out = noise.add_members_(base.clone(), 0.25, generation=7, members=ids, index=3)
+    torch.testing.assert_close(out, base + 0.25 * drawn, rtol=0, atol=1e-6)
+    weights = [0.5, -1.0, 2.0, 0.125]
+    acc = noise.accumulate_(torch.ones(n), weights, generation=7, members=ids, index=3)
+    torch.testing.assert_close(acc, 1 + torch.tensor(weights) @ drawn, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="rows for"):
+        noise.add_members_(base, 1.0, generation=7, members=ids[:2], index=3)
+
+
 def test_antithetic_pairs_are_exact_negatives():
     assert [mirrored(m) for m in range(4)] == [(0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0)]
     model = tiny_lm()

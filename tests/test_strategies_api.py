@@ -247,6 +247,44 @@ def test_table_noise_samples_save_and_solve(name: str) -> None:
         make(name, noise="rademacher")
 
 
+@pytest.mark.parametrize("noise", ["gaussian", "gaussian-table"])
+def test_lm_ma_es_direct_sampling_resumes_bit_for_bit(noise: str) -> None:
+    """Float32 samples draw d directly; the next generation's factor is built in tell's pass over M,
+    and a resumed copy, which builds it in ask, gets the same bits. The choice is saved."""
+
+    def make_direct(seed: int) -> LMMAES:
+        es = LMMAES(torch.linspace(-1, 1, 300, dtype=torch.float64), 0.3, seed=seed, noise=noise)
+        es.sample_dtype = torch.float32
+        return es
+
+    es = make_direct(6)
+    assert es.direct_sampling()
+    for _ in range(es.memory + 2):
+        es.tell(ellipsoid(es.ask().double()))
+    buf = io.BytesIO()
+    torch.save(es.state_dict(), buf)
+    buf.seek(0)
+    fresh = make_direct(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    for _ in range(3):
+        Xa, Xb = es.ask(), fresh.ask()
+        assert torch.equal(Xa, Xb)
+        es.tell(ellipsoid(Xa.double()))
+        fresh.tell(ellipsoid(Xb.double()))
+    assert torch.equal(es.M, fresh.M) and torch.equal(es.gram, fresh.gram) and es.sigma == fresh.sigma
+    # a state saved before the option (no gram, no sampling) resumes with the paper's stream
+    old = es.state_dict()
+    del old["gram"], old["sampling"]
+    paper = make_direct(0)
+    paper.load_state_dict(old)
+    assert paper.sampling == "paper" and not paper.direct_sampling()
+    torch.testing.assert_close(paper.gram, es.M @ es.M.T)
+    with pytest.raises(ValueError, match="sampling"):
+        LMMAES([0.0] * 4, 1.0, sampling="fast")
+    with pytest.raises(ValueError, match="sampling"):
+        make_direct(0).load_state_dict({**es.state_dict(), "sampling": "fast"})
+
+
 def test_state_dict_of_fresh_object_loads() -> None:
     es = CMAES([1.0, 2.0, 3.0], 0.5)
     buf = io.BytesIO()

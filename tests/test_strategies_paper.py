@@ -78,11 +78,10 @@ def test_lm_ma_es_one_generation_by_hand() -> None:
 
 
 def test_lm_ma_es_float32_samples_with_every_memory_vector_in_use() -> None:
-    """With float32 samples (as the module adapter runs it) the products, the Gram matrix and the
-    candidates are float32: they match the paper's loop in float64 to float32 rounding once all m
-    vectors are in use."""
+    """With float32 samples and the paper's stream, the products and the candidates are float32:
+    they match the paper's loop in float64 to float32 rounding once all m vectors are in use."""
     n = 300
-    es = LMMAES(torch.linspace(-1, 1, n, dtype=torch.float64), 0.3, seed=2)
+    es = LMMAES(torch.linspace(-1, 1, n, dtype=torch.float64), 0.3, seed=2, sampling="paper")
     es.sample_dtype = torch.float32
     for _ in range(es.memory + 2):
         es.tell(sphere(es.ask().double()))
@@ -97,6 +96,74 @@ def test_lm_ma_es_float32_samples_with_every_memory_vector_in_use() -> None:
     assert X.dtype == torch.float32
     np.testing.assert_allclose(X.double().numpy(), y + sigma * d, rtol=1e-5, atol=1e-6)
     assert np.abs(d - z).max() > 1e-3  # the memory really changes the samples
+
+
+def _lm_ma_es_transform_matrix(es: LMMAES) -> np.ndarray:
+    """``T`` of the current generation, from the paper's loop of rank-one transforms."""
+    M = es.M.numpy()
+    T = np.eye(es.dim)  # row i becomes T e_i (each factor is symmetric)
+    for j in range(min(es.generation, es.memory)):
+        c = float(es.c_d[j])
+        T = (1 - c) * T + c * np.outer(T @ M[j], M[j])
+    return T.T
+
+
+@pytest.mark.parametrize("dtype,n", [(torch.float64, 30), (torch.float32, 300)])
+def test_lm_ma_es_direct_sampling_has_the_papers_covariance(dtype: torch.dtype, n: int) -> None:
+    """Drawn directly, d = s g + N^T u has covariance s^2 I + N^T N = T T^T of the paper's loop. With
+    float32 samples, the directions dropped below float32's rounding change no entry by more than
+    2 J (2^-24 s)^2, and there are far fewer than J left."""
+    es = LMMAES(torch.linspace(-1, 1, n, dtype=torch.float64), 0.3, seed=3, sampling="direct")
+    es.sample_dtype = dtype
+    for _ in range(es.memory + 3):
+        es.tell(ellipsoid(es.ask().double()))
+    T = _lm_ma_es_transform_matrix(es)
+    scale, N = es.covariance_factor()
+    cov = scale**2 * np.eye(n) + N.numpy().T @ N.numpy()
+    J = min(es.generation, es.memory)
+    bound = 2 * J * (torch.finfo(dtype).eps / 2 * scale) ** 2
+    assert np.abs(cov - T @ T.T).max() <= bound + 1e-11  # (float64 rounding of the factor)
+    assert np.abs(T @ T.T - np.eye(n)).max() > 1e-2  # the memory shapes the distribution
+    if dtype == torch.float32:
+        assert N.shape[0] < J, N.shape
+    # the candidates are y + σ (s g + N^T u) with the strategy's own numbers
+    g = es.standard_normal().double()
+    u = es.noise.members((J,), generation=es.generation, members=range(es.popsize), index=1)
+    X = es.ask().double()
+    expected = es.mean + es.sigma * (scale * g + u[:, : N.shape[0]].double() @ N)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(X, expected, rtol=tol, atol=tol)
+
+
+def test_lm_ma_es_direct_tell_follows_the_papers_update() -> None:
+    """With directly drawn d, tell recovers z_w = T^{-1} Σ w d and updates as Algorithm 1; the kept
+    Gram matrix equals M M^T."""
+    n = 30
+    es = LMMAES(torch.linspace(-1, 1, n, dtype=torch.float64), 0.3, seed=4, sampling="direct")
+    for _ in range(8):
+        es.tell(rosenbrock(es.ask()))
+    lam, m = es.popsize, es.memory
+    w = log_weights(lam)
+    mu_w, cs = 1 / np.sum(w**2), es.c_sigma
+    c_c = es.c_c.numpy()
+    y, sigma, p, M = es.mean.numpy().copy(), es.sigma, es.p_sigma.numpy().copy(), es.M.numpy().copy()
+    T = _lm_ma_es_transform_matrix(es)
+    X = es.ask()
+    f = rosenbrock(X).numpy()
+    sel = np.argsort(f, kind="stable")[: lam // 2]
+    d_w = w @ ((X.numpy()[sel] - y) / sigma)
+    z_w = np.linalg.solve(T, d_w)
+    p_new = (1 - cs) * p + math.sqrt(mu_w * cs * (2 - cs)) * z_w
+    M_new = np.stack([(1 - c_c[j]) * M[j] + math.sqrt(mu_w * c_c[j] * (2 - c_c[j])) * z_w for j in range(m)])
+    sigma_new = sigma * math.exp(cs / 2 * (np.sum(p_new**2) / n - 1))
+    es.tell(torch.as_tensor(f))
+    np.testing.assert_allclose(es.mean.numpy(), y + sigma * d_w, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(es.p_sigma.numpy(), p_new, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(es.M.numpy(), M_new, rtol=1e-9, atol=1e-11)
+    assert es.sigma == pytest.approx(sigma_new, rel=1e-9)
+    np.testing.assert_allclose(es.gram.numpy(), M_new @ M_new.T, rtol=1e-10, atol=1e-10)
+    z, _ = es.untransform(torch.as_tensor(T @ z_w))  # the push-through inverse of the new T
+    assert not np.allclose(z.numpy(), z_w)  # (T changed with M)
 
 
 def test_rm_es_one_generation_by_hand() -> None:

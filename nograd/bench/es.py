@@ -12,7 +12,9 @@ interleaved and repeated, and the ratio is ``median(strategy) / median(reference
   the whole population in one batched forward over the members' own weights while it fits;
   ``loop`` = members one by one); ``ga`` is the Deep GA.
 * LM-MA-ES is first run until its ``m`` memory vectors are all in use (``generations_before_timing``):
-  earlier generations use fewer of them and cost less.
+  earlier generations use fewer of them and cost less. Its entries also give ``sampling`` and, when
+  it draws ``d`` directly, ``directions``: the rows ``r`` of its covariance factor (one ``P x r x d``
+  product per generation; see :mod:`nograd.strategies.lm_ma_es`).
 * full ``cma`` is skipped: it stores a dim x dim covariance (8e10 bytes at dim 1e5).
 * ``--table`` adds each dense strategy again with ``noise="gaussian-table"``, reported as
   ``"NAME (gaussian-table)"``; ``--counter`` likewise with ``noise="gaussian-counter"`` (the
@@ -43,6 +45,7 @@ from nograd.bench import BenchArgumentParser
 from nograd.bench.timing import interleaved_medians
 from nograd.core.noise import SeededNoise
 from nograd.strategies.eggroll import EGGROLL
+from nograd.strategies.lm_ma_es import LMMAES
 from nograd.strategies.module_adapter import ModuleAdapter
 from nograd.strategies.openai_es import OpenAIES
 
@@ -117,6 +120,19 @@ def steady_generations(strategy: object) -> int:
     return int(getattr(strategy, "memory", 0))
 
 
+def _sampling_facts(strategy: object) -> dict:
+    """LM-MA-ES's way of drawing its samples, and the size of its covariance factor when direct."""
+    if not isinstance(strategy, LMMAES):
+        return {}
+    if not strategy.direct_sampling():
+        return {"sampling": "paper", "memory_vectors": strategy.memory}
+    return {
+        "sampling": "direct",
+        "memory_vectors": strategy.memory,
+        "directions": int(strategy.covariance_factor()[1].shape[0]),
+    }
+
+
 def _label(name: str, noise: str) -> str:
     return name if noise == "gaussian" else f"{name} ({noise})"
 
@@ -181,6 +197,7 @@ def run(args: list[str]) -> dict:
 
     fns: dict[str, Callable[[], object]] = {}
     warmed: dict[str, int] = {}  # generations run before timing, beyond the one warm-up call
+    strategies: dict[str, object] = {}
     for name in names:
         if name in SKIPPED:
             continue
@@ -202,6 +219,7 @@ def run(args: list[str]) -> dict:
                     noise=noise,
                 )
                 label = _label(name, noise)
+                strategies[label] = adapter.strategy
                 warmed[label] = steady_generations(adapter.strategy)
                 for _ in range(warmed[label]):
                     adapter.step(mse_rows, x, y)
@@ -246,6 +264,7 @@ def run(args: list[str]) -> dict:
             "ratio": med[name] / ref_s,
             "ratio_to_adjacent_reference": med[name] / med[f"ref{i}"],
             "generations_before_timing": warmed.get(name, 0) + 1,
+            **_sampling_facts(strategies.get(name)),
         }
     return out
 

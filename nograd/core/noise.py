@@ -246,6 +246,68 @@ class SeededNoise:
                 out.index_copy_(0, where, draw.index_select(0, torch.tensor(rows, device=device)))
         return out.view(len(ids), *shape)
 
+    def add_members_(
+        self,
+        out: torch.Tensor,
+        alpha: float,
+        *,
+        generation: int,
+        members: list[int] | range,
+        index: int,
+    ) -> torch.Tensor:
+        """``out[j] += alpha * members((n,), ...)[j]`` in place, for ``out`` ``(len(members), n)``.
+
+        No ``(len(members), n)`` draw is made: ``"gaussian-table"`` blocks are added straight from
+        the table, the other kinds are drawn one block at a time into a scratch buffer.
+        """
+        k, n = out.shape
+        if k != len(members):
+            raise ValueError(f"out has {k} rows for {len(members)} members")
+        if n <= SMALL:
+            noise = self.members((n,), generation=generation, members=members, index=index, device=out.device)
+            return out.add_(noise, alpha=alpha)
+        for row, m in zip(out, members):
+            self._add_blocks(row, alpha, generation, m, index)
+        return out
+
+    def accumulate_(
+        self,
+        out: torch.Tensor,
+        weights: list[float],
+        *,
+        generation: int,
+        members: list[int] | range,
+        index: int,
+    ) -> torch.Tensor:
+        """``out += Σ_j weights[j] * members((n,), ...)[j]`` in place, for ``out`` ``(n,)``: a weighted
+        sum over members without drawing them all (see :meth:`add_members_`)."""
+        (n,) = out.shape
+        if len(weights) != len(members):
+            raise ValueError(f"{len(weights)} weights for {len(members)} members")
+        if n <= SMALL:
+            noise = self.members((n,), generation=generation, members=members, index=index, device=out.device)
+            return out.add_(torch.as_tensor(weights, dtype=noise.dtype, device=out.device) @ noise)
+        for w, m in zip(weights, members):
+            self._add_blocks(out, float(w), generation, m, index)
+        return out
+
+    def _add_blocks(self, row: torch.Tensor, alpha: float, generation: int, member: int, index: int) -> None:
+        """``row += alpha *`` the member's noise, block by block (``row`` 1-D, longer than ``SMALL``)."""
+        table = self.table(row.device) if self.distribution == "gaussian-table" else None
+        scratch = None
+        for block, start in enumerate(range(0, row.numel(), BLOCK)):
+            part = row[start : start + BLOCK]
+            key = self.key(generation, member, index, block)
+            if table is not None:  # the slice _draw would copy
+                offset = key % (TABLE_SIZE - part.numel() + 1)
+                part.add_(table[offset : offset + part.numel()], alpha=alpha)
+                continue
+            if scratch is None:
+                scratch = torch.empty(min(row.numel(), BLOCK), device=row.device)
+            drawn = scratch[: part.numel()]
+            self._draw(drawn, key)
+            part.add_(drawn, alpha=alpha)
+
     def full_chunks(
         self,
         numel: int,

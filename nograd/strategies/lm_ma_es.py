@@ -21,8 +21,29 @@ shrinking samples). The paper targets large ``n``; for ``n < 2 λ`` the rates ab
 ``c_σ`` and ``c_c,j`` are capped at 1 here (a safeguard not in the paper).
 
 Because the transform is linear, ``Σ w_i d_{i:λ} = T(Σ w_i z_{i:λ})``: ``tell`` regenerates the μ
-selected ``z`` from seeds (in chunks), sums them and transforms once. ``ask`` applies the m rank-one
-transforms to the whole population with matrix ops.
+selected samples from seeds (in chunks), sums them and transforms once. The Gram matrix ``G = M M^T``
+is kept up to date in float64 by the rank-one form of the ``M`` update (``gram``, saved with the state).
+
+Two ways to draw the same ``d ~ N(0, T T^T)`` (``sampling=``):
+
+* ``"paper"``: Algorithm 1's stream. Draw ``z``, apply the rank-one transforms (two ``λ x J x n``
+  matrix products for the population, ``J = min(t, m)``).
+* ``"direct"``: every transform adds a multiple of one ``M_j``, so ``T = s I + M^T A M`` (``s = Π_j
+  (1 - c_d,j)``, ``A`` ``J x J``) and ``T T^T = s^2 I + M^T S M`` with ``S = s (A + A^T) + A G A^T``. That
+  term is positive semi-definite (each factor's singular values are at least its ``1 - c_d,j``, so
+  ``T``'s are at least ``s``), and its square root ``N`` (``r x n``, ``N^T N = M^T S M``) comes from
+  the ``J x J`` eigendecompositions of ``G`` and ``G^{1/2} S G^{1/2}``. Then ``d = s g + N^T u`` with
+  ``g ~ N(0, I_n)`` and ``u ~ N(0, I_r)``: one product per candidate instead of two. ``r`` is the
+  number of eigen-directions whose standard deviation is at least ``ε s``, ``ε`` the samples' unit
+  roundoff. The ``M_j`` of slow rates are nearly parallel, so ``r`` is usually far below ``J``
+  (``nograd bench es`` reports it as ``directions``). The dropped directions change no entry of
+  the covariance by more than ``2 J (ε s)^2``. ``tell`` recovers ``Σ w z = T^{-1} Σ w d`` in float64
+  through the push-through identity ``T^{-1} = (I - M^T (s I + A G)^{-1} A M) / s``, so the paths
+  and ``M`` are updated as in the paper; one pass over column blocks of ``M`` recovers ``z``,
+  updates ``M`` and builds the next generation's ``N``. With the shared noise table, each ``g`` is
+  added to its candidate straight from the table, with no population-sized draw.
+* ``"auto"`` (default): ``"direct"`` with float32 samples (the module adapter's populations),
+  ``"paper"`` otherwise. A state saved before this option resumes with ``"paper"``.
 
 Example:
     >>> from nograd.strategies.functions import sphere
@@ -46,6 +67,8 @@ from nograd.strategies.base import F64, Strategy, log_weights
 __all__ = ["LMMAES"]
 
 Tensor = torch.Tensor
+SAMPLING = ("auto", "paper", "direct")
+COLUMN_BLOCK_BYTES = 1 << 21  # a column block of M (float64) in one fused pass: 2 MB
 
 
 class LMMAES(Strategy):
@@ -55,11 +78,13 @@ class LMMAES(Strategy):
         x0, sigma, popsize, seed: see :class:`~nograd.strategies.base.Strategy`.
         memory: number ``m`` of direction vectors (default ``4 + floor(3 ln n)``).
         c_sigma: step-size path rate (default ``min(1, 2 λ / n)``).
+        sampling: ``"auto"``, ``"paper"`` or ``"direct"``: how ``d ~ N(0, T T^T)`` is drawn (see
+            the module docstring; the same distribution either way).
     """
 
     name = "lm-ma-es"
     float32_samples = True
-    _state_keys = ("M", "p_sigma", "weights", "mu", "mu_w", "c_sigma", "c_d", "c_c")
+    _state_keys = ("M", "gram", "p_sigma", "weights", "mu", "mu_w", "c_sigma", "c_d", "c_c")
 
     def __init__(
         self,
@@ -71,6 +96,7 @@ class LMMAES(Strategy):
         *,
         memory: int | None = None,
         c_sigma: float | None = None,
+        sampling: str = "auto",
     ) -> None:
         super().__init__(x0, sigma, popsize, seed, noise=noise)
         n, lam = self.dim, self.popsize
@@ -87,10 +113,16 @@ class LMMAES(Strategy):
         j = torch.arange(m, dtype=F64)
         self.c_d: Tensor = 1 / (1.5**j * n)
         self.c_c: Tensor = (lam / (4.0**j * n)).clamp(max=1.0)
+        if sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLING)}, got {sampling!r}")
+        self.sampling: str = sampling
         self.M: Tensor = torch.zeros(m, n, dtype=F64)
+        self.gram: Tensor = torch.zeros(m, m, dtype=F64)  # M M^T, updated with M
         self.p_sigma: Tensor = torch.zeros(n, dtype=F64)
         self._system: tuple | None = None
         self._memory: tuple | None = None
+        self._factor: tuple | None = None
+        self._rates: tuple | None = None
 
     @property
     def memory(self) -> int:
@@ -113,7 +145,7 @@ class LMMAES(Strategy):
         if used == 0:
             out = z * factor
             return out if offset is None else out.add_(offset)
-        system, rhs_scale, tail, scale = self._transform_system()
+        system, rhs_scale, tail, scale, _ = self._transform_system()
         bias = None if offset is None else offset.to(z.dtype)
         if z.dtype == torch.float32:
             # float32 samples: the k x J x n products through the engine's GEMM, which reads M
@@ -143,26 +175,32 @@ class LMMAES(Strategy):
             self._memory = (key, (m, m.T.contiguous()))
         return self._memory[1]
 
-    def _transform_system(self) -> tuple[Tensor, Tensor, Tensor, float]:
+    def _transform_system(self) -> tuple[Tensor, Tensor, Tensor, float, Tensor]:
         """Per-generation constants of :meth:`transform` (cached: ``M`` is fixed within a generation).
 
         With ``a_l = 1 - c_d,l`` the transform ``j`` computes ``p_j = d_{j-1}·M_j`` and sets
         ``β_j = c_d,j p_j``, after which every earlier coefficient is scaled by ``a_j``. Hence
         ``β_j = c_d,j (Π_{l<j} a_l (z·M_j) + Σ_{i<j} Π_{i<l<j} a_l (M_i·M_j) β_i)``.
 
-        The Gram matrix ``M_i·M_j`` (``J^2 n`` multiply-adds) is computed in the samples' dtype: with
-        float32 samples its rounding is of the order of the float32 products it steers.
+        The Gram matrix ``M_i·M_j`` is :attr:`gram`, kept in float64 by :meth:`_update`.
         """
-        key = (self.generation, self.M.data_ptr())
-        if self._system is not None and self._system[0] == key:
+        if self._system is not None and self._system[0] == self.generation:
             return self._system[1]
-        used = min(self.generation, self.memory)
-        if self.sample_dtype == torch.float32:
-            m, _ = self._memory_float32()
-            gram = gemm.linear(m, m).to(F64)
-        else:
-            M = self.M[:used]
-            gram = M @ M.T
+        value = self._system_for(min(self.generation, self.memory), self.gram)
+        self._system = (self.generation, value)
+        return value
+
+    def _system_for(self, used: int, gram: Tensor) -> tuple[Tensor, Tensor, Tensor, float, Tensor]:
+        """:meth:`_transform_system` for ``J = used`` vectors whose Gram matrix is ``gram[:J, :J]``."""
+        ratio, cvec, rhs_scale, tail, scale = self._rate_products(used)
+        system = torch.eye(used, dtype=F64) - cvec.unsqueeze(1) * (ratio * gram[:used, :used])
+        solved = torch.linalg.solve_triangular(system, torch.diag(rhs_scale), upper=False)
+        return system, rhs_scale, tail, scale, tail.unsqueeze(1) * solved
+
+    def _rate_products(self, used: int) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+        """The parts of :meth:`_transform_system` that depend on ``c_d`` alone (cached per ``used``)."""
+        if self._rates is not None and self._rates[0] == used:
+            return self._rates[1]
         c = self.c_d[:used].tolist()
         a = [1 - x for x in c]
         ratio = torch.zeros(used, used, dtype=F64)  # ratio[j, i] = Π_{i<l<j} a_l
@@ -174,30 +212,207 @@ class LMMAES(Strategy):
                 ratio[j, i] = prod
                 prod *= a[i]
         cvec = torch.tensor(c, dtype=F64)
-        system = torch.eye(used, dtype=F64) - cvec.unsqueeze(1) * (ratio * gram)
         rhs_scale = cvec * torch.tensor(prefix[:used], dtype=F64)
         tail = torch.tensor(
             [prefix[used] / prefix[i + 1] if prefix[i + 1] else 0.0 for i in range(used)], dtype=F64
         )
         if 0.0 in prefix[1:]:  # some a_l == 0 (c_d = 1, n = 1): products without division
             tail = torch.tensor([math.prod(a[i + 1 : used]) for i in range(used)], dtype=F64)
-        value = (system, rhs_scale, tail, prefix[used])
-        self._system = (key, value)
+        value = (ratio, cvec, rhs_scale, tail, prefix[used])
+        self._rates = (used, value)
         return value
 
+    def _affine(self) -> tuple[Tensor, float]:
+        """``(A, s)`` with ``T = s I + M_J^T A M_J``: the coefficients ``β`` of :meth:`transform` are
+        ``A (M_J z)``."""
+        value = self._transform_system()
+        return value[4], value[3]
+
+    def direct_sampling(self) -> bool:
+        """Whether this generation's ``d`` are drawn directly from ``N(0, T T^T)`` (see ``sampling``)."""
+        if self.sampling == "auto":
+            return self.sample_dtype == torch.float32
+        return self.sampling == "direct"
+
+    def covariance_factor(self) -> tuple[float, Tensor]:
+        """``(s, N)``: ``T T^T = s^2 I + N^T N`` up to the directions below the samples' rounding,
+        with ``N`` float64 ``(r, n)`` (see the module docstring). Cached for the generation."""
+        return self._direct_factor()[:2]
+
+    def _direct_factor(self) -> tuple[float, Tensor, Tensor]:
+        """``(s, N, N^T)``: :meth:`covariance_factor` and ``N^T`` ``(n, r)`` in the samples' dtype,
+        contiguous, as the product's weight."""
+        if self._factor is not None and self._factor[0] == self.generation:
+            return self._factor[1]
+        used = min(self.generation, self.memory)
+        scale, W = self._factor_for(used, self.gram)
+        N = torch.empty(W.shape[1], self.dim, dtype=F64)
+        for cols in self._column_chunks():
+            N[:, cols] = self._factor_rows(W, used, cols)
+        return self._keep_factor(self.generation, scale, N)
+
+    def _keep_factor(self, generation: int, scale: float, N: Tensor) -> tuple[float, Tensor, Tensor]:
+        value = (scale, N, N.T.to(self.sample_dtype).contiguous())
+        self._factor = (generation, value)
+        return value
+
+    def _factor_rows(self, W: Tensor, used: int, cols: slice) -> Tensor:
+        """Columns ``cols`` of ``N = W^T M_J`` (one code path: ``tell``'s and ``ask``'s agree bit for bit)."""
+        return W.T @ self.M[:used, cols]
+
+    def _column_chunks(self) -> list[slice]:
+        """Column blocks of ``M`` that stay in cache between the operations of one pass over it."""
+        step = max(1, COLUMN_BLOCK_BYTES // (8 * max(self.memory, 1)))
+        return [slice(i, min(i + step, self.dim)) for i in range(0, self.dim, step)]
+
+    def _factor_for(self, used: int, gram: Tensor) -> tuple[float, Tensor]:
+        """``(s, W)`` with ``N = W^T M_J`` ``(r, n)``, ``W`` ``(J, r)``, for ``J = used`` vectors of Gram
+        matrix ``gram``; see the module docstring."""
+        if used == 0:
+            return 1.0, torch.zeros(0, 0, dtype=F64)
+        *_, scale, A = self._system_for(used, gram)
+        G = gram[:used, :used]
+        S = scale * (A + A.T) + A @ G @ A.T
+        S = (S + S.T) / 2  # T T^T - s^2 I = M^T S M
+        floor = (torch.finfo(self.sample_dtype).eps / 2 * scale) ** 2  # (unit roundoff x s)^2
+        lam, V = torch.linalg.eigh(G)
+        lam = lam.clamp(min=0)
+        s_norm = float(torch.linalg.matrix_norm(S))  # Frobenius: at least the 2-norm
+        # dropping a direction of the rows with eigenvalue λ_i moves M^T S M by at most this (2-norm)
+        moves = 2 * (lam * lam.max()).sqrt() * s_norm + lam * s_norm
+        keep = moves > floor
+        root, Vk = lam[keep].sqrt(), V[:, keep]
+        H = root.unsqueeze(1) * (Vk.T @ S @ Vk) * root  # G^{1/2} S G^{1/2} on the kept directions
+        omega, E = torch.linalg.eigh((H + H.T) / 2)
+        big = (omega > floor).flip(0)
+        omega, E = omega.flip(0)[big], E.flip(1)[:, big]  # largest first
+        return scale, (Vk / root) @ (E * omega.sqrt())
+
+    def _coefficients(self, members: Sequence[int], r: int) -> Tensor:
+        """The ``u ~ N(0, I_r)`` of :meth:`_candidates` (noise index 1), ``(len(members), r)``."""
+        used = min(self.generation, self.memory)
+        return self._draw_members(members, index=1, size=max(used, 1))[:, :r]
+
+    def _reads_table_in_place(self) -> bool:
+        """Direct sampling with the shared table adds each ``g`` to its candidate straight from the
+        table: a cache of the generation's draws would cost one more pass, not save one."""
+        return self.noise_kind == "gaussian-table" and self.direct_sampling()
+
+    def _cached(self) -> Tensor | None:
+        return None if self._reads_table_in_place() else super()._cached()
+
     def _candidates(self, members: Sequence[int]) -> Tensor:
-        return self._transformed(self.standard_normal(members), self.sigma, self.mean)
+        if not self.direct_sampling():
+            return self._transformed(self.standard_normal(members), self.sigma, self.mean)
+        ids = [int(i) for i in members]
+        scale, _, cols = self._direct_factor()
+        mean = self.mean.to(self.sample_dtype)
+        if cols.shape[1]:
+            u = self._coefficients(ids, cols.shape[1]).mul_(self.sigma)
+            out = gemm.linear(u, cols, mean) if mean.dtype == torch.float32 else torch.addmm(mean, u, cols.T)
+        else:
+            out = mean.expand(len(ids), self.dim).clone()
+        # y + σ (N^T u + s g), g as standard_normal() gives it
+        if not self._reads_table_in_place():
+            return out.add_(self.standard_normal(ids), alpha=self.sigma * scale)
+        return self.noise.add_members_(
+            out, self.sigma * scale, generation=self.generation, members=ids, index=0
+        )
+
+    def untransform(self, d: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, M z)`` with ``T z = d`` for a float64 ``d`` ``(n,)``, ``M z`` over all ``m`` rows.
+
+        Push-through identity: ``T^{-1} = (I - M_J^T (s I + A G_J)^{-1} A M_J) / s``; two products
+        with ``M`` and a ``J x J`` solve.
+        """
+        used = min(self.generation, self.memory)
+        w, scale, Mz, _ = self._pushthrough(d)
+        return (d - self.M[:used].T @ w) / scale, Mz
+
+    def _pushthrough(self, d: Tensor) -> tuple[Tensor, float, Tensor, float]:
+        """``(w, s, M z, |z|^2)`` for ``z = T^{-1} d = (d - M_J^T w) / s``, from one product ``M d``."""
+        used = min(self.generation, self.memory)
+        Md = self.M @ d
+        if used == 0:
+            return torch.zeros(0, dtype=F64), 1.0, Md, float(d @ d)
+        A, scale = self._affine()
+        G = self.gram[:, :used]
+        w = torch.linalg.solve(scale * torch.eye(used, dtype=F64) + A @ G[:used], A @ Md[:used])
+        zz = (float(d @ d) - 2 * float(w @ Md[:used]) + float(w @ G[:used] @ w)) / scale**2
+        return w, scale, (Md - G @ w) / scale, zz
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         n, cs = self.dim, self.c_sigma
-        z_w, _ = self._weighted_sums(order[: self.mu].tolist(), self.weights)
-        d_w = self.transform(z_w.unsqueeze(0))[0]
+        ids = order[: self.mu].tolist()
+        cc = self.c_c
+        keep, b = 1 - cc, (self.mu_w * cc * (2 - cc)).sqrt()  # M_j <- (1 - c_c,j) M_j + b_j z_w
+        if self.direct_sampling():
+            d_w = self._direct_weighted_sums(ids)
+            z_w = self._update_memory_direct(d_w, keep, b)
+        else:
+            z_w, _ = self._weighted_sums(ids, self.weights)
+            d_w = self.transform(z_w.unsqueeze(0))[0]
+            self.gram = self._next_gram(self.M @ z_w, float(z_w @ z_w), keep, b)
+            self.M.mul_(keep.unsqueeze(1)).addr_(b, z_w)  # in place
         self.mean = self.mean + self.sigma * d_w
         self.p_sigma = (1 - cs) * self.p_sigma + math.sqrt(self.mu_w * cs * (2 - cs)) * z_w
-        cc = self.c_c
-        self.M.mul_((1 - cc).unsqueeze(1)).addr_((self.mu_w * cc * (2 - cc)).sqrt(), z_w)  # in place
         self.sigma = self.sigma * math.exp(cs / 2 * (float(self.p_sigma.square().sum()) / n - 1))
 
+    def _direct_weighted_sums(self, ids: list[int]) -> Tensor:
+        """``Σ w d`` of the selected, float64, from their seeds: ``s Σ w g + N^T Σ w u``."""
+        scale, N, _ = self._direct_factor()
+        if self._reads_table_in_place():
+            g_w = torch.zeros(self.dim, dtype=self.sample_dtype)
+            self.noise.accumulate_(
+                g_w, self.weights.tolist(), generation=self.generation, members=ids, index=0
+            )
+        else:
+            g_w, _ = self._weighted_sums(ids, self.weights)
+        d_w = g_w.to(F64).mul_(scale)
+        if N.shape[0]:
+            d_w.add_((self.weights @ self._coefficients(ids, N.shape[0]).to(F64)) @ N)
+        return d_w
+
+    def _next_gram(self, Mz: Tensor, zz: float, keep: Tensor, b: Tensor) -> Tensor:
+        """Gram matrix after ``M <- D M + b z^T`` (``D = diag(keep)``), from ``M z`` and ``|z|^2``:
+        ``D G D + (D M z) b^T + b (D M z)^T + |z|^2 b b^T``."""
+        DMz = keep * Mz
+        return (
+            keep.unsqueeze(1) * self.gram * keep
+            + torch.outer(DMz, b)
+            + torch.outer(b, DMz)
+            + zz * torch.outer(b, b)
+        )
+
+    def _update_memory_direct(self, d_w: Tensor, keep: Tensor, b: Tensor) -> Tensor:
+        """``z_w = T^{-1} d_w`` (see :meth:`untransform`), then ``M``, its Gram matrix and the next
+        generation's ``N`` in one pass over column blocks of ``M``; returns ``z_w``."""
+        used = min(self.generation, self.memory)
+        w, scale, Mz, zz = self._pushthrough(d_w)
+        self.gram = self._next_gram(Mz, zz, keep, b)
+        nxt = min(self.generation + 1, self.memory)
+        next_scale, W = self._factor_for(nxt, self.gram)
+        N = torch.empty(W.shape[1], self.dim, dtype=F64)
+        z_w = torch.empty(self.dim, dtype=F64)
+        for cols in self._column_chunks():
+            z = z_w[cols]
+            torch.sub(d_w[cols], self.M[:used, cols].T @ w, out=z).div_(scale)
+            self.M[:, cols].mul_(keep.unsqueeze(1)).addr_(b, z)
+            N[:, cols] = self._factor_rows(W, nxt, cols)
+        self._keep_factor(self.generation + 1, next_scale, N)
+        return z_w
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "sampling": self.sampling}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "gram" not in state and isinstance(state.get("M"), Tensor):  # saved before gram was kept
+            M = state["M"].to(F64)
+            state["gram"] = M @ M.T
+        sampling = state.get("sampling", "paper")  # states saved before the option sampled as the paper
+        if sampling not in SAMPLING:
+            raise ValueError(f"state_dict has sampling={sampling!r}, expected one of {', '.join(SAMPLING)}")
         super().load_state_dict(state)
-        self._system = self._memory = None
+        self.sampling = sampling
+        self._system = self._memory = self._factor = None
