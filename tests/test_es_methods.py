@@ -110,6 +110,19 @@ def test_table_noise_option_reaches_the_strategy(name: str, bad: str):
         get_method(name).build(model, per_example_loss, cfg_for(name, opts={"noise": bad}))
 
 
+def test_lm_ma_es_sampling_option_reaches_the_strategy():
+    """``--opt sampling=paper|direct`` picks LM-MA-ES's way of drawing its samples; float32 weights
+    draw directly by default."""
+    for opts, direct in (({}, True), ({"sampling": "paper"}, False), ({"sampling": "direct"}, True)):
+        method = get_method("lm-ma-es").build(tiny_gpt(), per_example_loss, cfg_for("lm-ma-es", opts=opts))
+        assert method.adapter.strategy.direct_sampling() is direct
+        method.step(*batch(), 1.0)
+    with pytest.raises(UsageError, match="sampling"):
+        get_method("lm-ma-es").build(
+            tiny_gpt(), per_example_loss, cfg_for("lm-ma-es", opts={"sampling": "fast"})
+        )
+
+
 def test_bad_options_are_usage_errors():
     model = tiny_gpt()
     with pytest.raises(UsageError):

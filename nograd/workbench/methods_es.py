@@ -90,7 +90,7 @@ ES_OPTS: dict[str, dict[str, Any]] = {
 _ADAPTER_OPTS = {"mode": "auto", "chunk": 0, "noise": "gaussian"}
 _STRATEGY_OPTS: dict[str, dict[str, Any]] = {
     "sep-cma": {"c_m": None},
-    "lm-ma-es": {"memory": None, "c_sigma": None},
+    "lm-ma-es": {"memory": None, "c_sigma": None, "sampling": "auto"},
     "rm-es": {"paths": None, "c_s": None},
     "snes": {"eta_mu": None, "eta_sigma": None},
     "pgpe": {"max_speed": None, "step_size": None, "momentum": None, "stdev_lr": None},
@@ -293,8 +293,10 @@ def _build_module_es(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, method
 def _build_adapter(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, method: str) -> AdapterMethod:
     o = parse_opts(cfg.opts, ES_OPTS[method], method)
     kwargs = {}
-    for key in _STRATEGY_OPTS[method]:
-        if o[key] is not None:
+    for key, default in _STRATEGY_OPTS[method].items():
+        if isinstance(default, str):  # a named choice, checked by the strategy
+            kwargs[key] = o[key]
+        elif o[key] is not None:
             kwargs[key] = _number(key, o[key], method)
     try:
         adapter = ModuleAdapter(
