@@ -784,6 +784,25 @@ class BatchedPerturbation:
             o.add_(torch.gather(d, 1, ids.unsqueeze(-1).expand(-1, -1, d.shape[-1])).to(o.dtype))
         return out
 
+    def _embedding_traced(self, mod: nn.Embedding, ids_in: torch.Tensor) -> torch.Tensor:
+        """:meth:`_embedding` without in-place updates, for the compiler: each member's low-rank
+        rows ``A_i[ids] B_i^T`` as a sum of ``r`` broadcast products, which it fuses with what
+        follows (a ``baddbmm`` would be a kernel of its own, writing and reading the rows again)."""
+        out = mod.__class__.forward(mod, ids_in)
+        wi = self.space.index_of.get(id(mod.weight))
+        ids = self._grouped(ids_in).flatten(1)
+        o = self._grouped(out).flatten(1, -2)
+        if self.space.lowrank[wi]:
+            a, b = self._factors(wi)
+            rows = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1])).to(o.dtype)
+            bt = b.transpose(1, 2).to(o.dtype)  # (P, r, dim)
+            for k in range(rows.shape[-1]):
+                o = o + rows[..., k : k + 1] * bt[:, k : k + 1]
+        else:
+            d = self._dense(wi)
+            o = o + torch.gather(d, 1, ids.unsqueeze(-1).expand(-1, -1, d.shape[-1])).to(o.dtype)
+        return o.reshape(out.shape)
+
     def _norm(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Normalise once, then apply each member's perturbed affine in one fused pass."""
         shape = tuple(mod.normalized_shape)
@@ -849,7 +868,7 @@ class BatchedPerturbation:
             if isinstance(m, nn.Linear):
                 fwd = lambda x: self._linear_traced(m, x)  # noqa: E731
             elif isinstance(m, nn.Embedding):
-                fwd = lambda ids: self._embedding(m, ids, m.__class__.forward(m, ids))  # noqa: E731
+                fwd = lambda ids: self._embedding_traced(m, ids)  # noqa: E731
             else:
                 fwd = lambda x: self._norm(m, x)  # noqa: E731
             self._forwards[id(m)] = fwd
