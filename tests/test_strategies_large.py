@@ -102,6 +102,20 @@ def test_converges_on_50d_sphere(cls) -> None:
     assert f <= 1e-8, (f, es.evaluations)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lm_ma_es_direct_sampling_converges_like_the_papers_stream(dtype) -> None:
+    """The two ways of drawing LM-MA-ES's samples are one distribution: both reach 1e-8 on the 50-d
+    sphere in about the same number of evaluations."""
+    evals = {}
+    for sampling in ("paper", "direct"):
+        es = LMMAES(ones(50), 0.5, seed=1, sampling=sampling)
+        es.sample_dtype = dtype
+        _, f = es.optimize(lambda X: sphere(X.double()), max_evals=40_000, target=1e-8)
+        assert f <= 1e-8, (sampling, f)
+        evals[sampling] = es.evaluations
+    assert 0.7 < evals["direct"] / evals["paper"] < 1.3, evals
+
+
 def test_snes_learns_separable_scaling() -> None:
     es = SNES(ones(10), 0.5, seed=2)
     _, f = es.optimize(separable_ellipsoid, max_evals=40_000, target=1e-8)
