@@ -252,7 +252,8 @@ class LMMAES(Strategy):
         return self._keep_factor(self.generation, scale, N)
 
     def _keep_factor(self, generation: int, scale: float, N: Tensor) -> tuple[float, Tensor, Tensor]:
-        value = (scale, N, N.T.to(self.sample_dtype).contiguous())
+        cols = torch.empty(N.shape[1], N.shape[0], dtype=self.sample_dtype).copy_(N.T)  # one pass
+        value = (scale, N, cols)
         self._factor = (generation, value)
         return value
 
