@@ -512,6 +512,11 @@ class _Live:
         return self._on[device]
 
 
+def _member_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids[i]`` of member ``i``'s table: ``(P, V, d)`` and ``(P, T)`` -> ``(P, T, d)``."""
+    return torch.gather(table, 1, ids.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+
+
 class BatchedPerturbation:
     """Evaluate many perturbed copies of ``module`` in one forward pass (EGGROLL).
 
@@ -767,7 +772,7 @@ class BatchedPerturbation:
         """``replace=True``: each member's rows looked up in its own table."""
         table = self._dense(self.space.index_of[id(mod.weight)])
         ids = self._grouped(ids_in).flatten(1)
-        rows = torch.gather(table, 1, ids.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+        rows = _member_rows(table, ids)
         return rows.reshape(*ids_in.shape, table.shape[-1]).to(mod.weight.dtype)
 
     def _embedding(self, mod: nn.Embedding, ids_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -777,11 +782,11 @@ class BatchedPerturbation:
         o = self._grouped(out).flatten(1, -2)
         if self.space.lowrank[wi]:
             a, b = self._factors(wi)
-            rows = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
+            rows = _member_rows(a, ids)
             o.baddbmm_(rows.to(o.dtype), b.transpose(1, 2).to(o.dtype))
         else:
             d = self._dense(wi)
-            o.add_(torch.gather(d, 1, ids.unsqueeze(-1).expand(-1, -1, d.shape[-1])).to(o.dtype))
+            o.add_(_member_rows(d, ids).to(o.dtype))
         return out
 
     def _embedding_traced(self, mod: nn.Embedding, ids_in: torch.Tensor) -> torch.Tensor:
@@ -794,13 +799,13 @@ class BatchedPerturbation:
         o = self._grouped(out).flatten(1, -2)
         if self.space.lowrank[wi]:
             a, b = self._factors(wi)
-            rows = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1])).to(o.dtype)
+            rows = _member_rows(a, ids).to(o.dtype)
             bt = b.transpose(1, 2).to(o.dtype)  # (P, r, dim)
             for k in range(rows.shape[-1]):
                 o = o + rows[..., k : k + 1] * bt[:, k : k + 1]
         else:
             d = self._dense(wi)
-            o = o + torch.gather(d, 1, ids.unsqueeze(-1).expand(-1, -1, d.shape[-1])).to(o.dtype)
+            o = o + _member_rows(d, ids).to(o.dtype)
         return o.reshape(out.shape)
 
     def _norm(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
