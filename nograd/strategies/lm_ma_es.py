@@ -122,7 +122,7 @@ class LMMAES(Strategy):
         self._system: tuple | None = None
         self._memory: tuple | None = None
         self._factor: tuple | None = None
-        self._rates: tuple | None = None
+        self._rates: dict[int, tuple] = {}  # used -> _rate_products (tell asks for J and J + 1)
 
     @property
     def memory(self) -> int:
@@ -198,9 +198,10 @@ class LMMAES(Strategy):
         return system, rhs_scale, tail, scale, tail.unsqueeze(1) * solved
 
     def _rate_products(self, used: int) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
-        """The parts of :meth:`_transform_system` that depend on ``c_d`` alone (cached per ``used``)."""
-        if self._rates is not None and self._rates[0] == used:
-            return self._rates[1]
+        """The parts of :meth:`_transform_system` that depend on ``c_d`` alone (cached per ``used``:
+        at most ``m + 1`` small matrices)."""
+        if used in self._rates:
+            return self._rates[used]
         c = self.c_d[:used].tolist()
         a = [1 - x for x in c]
         ratio = torch.zeros(used, used, dtype=F64)  # ratio[j, i] = Π_{i<l<j} a_l
@@ -219,7 +220,7 @@ class LMMAES(Strategy):
         if 0.0 in prefix[1:]:  # some a_l == 0 (c_d = 1, n = 1): products without division
             tail = torch.tensor([math.prod(a[i + 1 : used]) for i in range(used)], dtype=F64)
         value = (ratio, cvec, rhs_scale, tail, prefix[used])
-        self._rates = (used, value)
+        self._rates[used] = value
         return value
 
     def _affine(self) -> tuple[Tensor, float]:
@@ -417,3 +418,4 @@ class LMMAES(Strategy):
         super().load_state_dict(state)
         self.sampling = sampling
         self._system = self._memory = self._factor = None
+        self._rates = {}
