@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,14 @@ PAD = -1  # padding in a batch of token ids
 EVAL_ROWS = 32  # examples per evaluation forward
 OBJECTIVES = ("ce", "accuracy", "f1")
 ZO_METHODS = ("mezo", "zo-sign", "zo-momentum", "hizoo", "forward-grad")
+
+
+@contextmanager
+def _peft_deprecations() -> Iterator[None]:
+    """Silence the FutureWarning peft raises by using a deprecated transformers name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 @dataclass
@@ -290,8 +299,7 @@ class PromptClassificationTask:
             p.requires_grad_(False)
         if self.config.train == "prefix":
             prefix = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.config.prefix_tokens)
-            with warnings.catch_warnings():  # peft's use of a deprecated transformers name
-                warnings.simplefilter("ignore", FutureWarning)
+            with _peft_deprecations():
                 tuned = get_peft_model(model, prefix)
             self._prefix_from_real_tokens(tuned)
             return tuned
@@ -304,8 +312,7 @@ class PromptClassificationTask:
             bias="none",
         )
         try:
-            with warnings.catch_warnings():  # peft's use of a deprecated transformers name
-                warnings.simplefilter("ignore", FutureWarning)
+            with _peft_deprecations():
                 return get_peft_model(model, lora)
         except ValueError as e:
             raise UsageError(f"--lora-targets {self.config.lora_targets!r}: {first_line(e)}") from None
@@ -351,8 +358,7 @@ class PromptClassificationTask:
             base.hf_quantizer = None
             if hasattr(base.config, "quantization_config"):
                 del base.config.quantization_config
-        with warnings.catch_warnings():  # peft's use of a deprecated transformers name
-            warnings.simplefilter("ignore", FutureWarning)
+        with _peft_deprecations():
             model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
 
@@ -372,9 +378,8 @@ class PromptClassificationTask:
         mask = x != PAD
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
         prefix = self.config.train == "prefix"  # peft shifts the positions past the prefix itself
-        with warnings.catch_warnings() if prefix else nullcontext():
-            if prefix:  # peft hands transformers the prefix under a deprecated argument name
-                warnings.simplefilter("ignore", FutureWarning)
+        # peft hands transformers the prefix under a deprecated argument name
+        with _peft_deprecations() if prefix else nullcontext():
             out = model(
                 input_ids=x.clamp(min=0),
                 attention_mask=mask.long(),
