@@ -212,6 +212,47 @@ def test_adding_and_summing_members_noise_in_place_equals_drawing_it(kind: str, 
         noise.add_members_(base, 1.0, generation=7, members=ids[:2], index=3)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "gaussian-table", "gaussian-counter"])
+@pytest.mark.parametrize("n", [SMALL // 2, BLOCK + 10])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_rows_and_squared_sums_in_one_read_equal_the_written_out_steps(kind, n, dtype):
+    """affine_members_ writes ``loc + s_j scale z_j`` row by row from each member's blocks (the
+    table's slices in place) with the bits of drawing ``z`` and then computing it; accumulate_'s
+    squared sums come from the same read as its plain sums."""
+    noise = SeededNoise(4, kind)
+    ids, signs = [3, 0, 40, 7], [1.0, -1.0, -1.0, 1.0]
+    z = noise.members((n,), generation=5, members=ids, index=1).to(dtype)
+    loc, scale = torch.randn(n, dtype=dtype), torch.rand(n, dtype=dtype)
+    out = torch.empty(len(ids), n, dtype=dtype)
+    noise.affine_members_(out, loc, scale, generation=5, members=ids, index=1, signs=signs)
+    assert torch.equal(out, torch.addcmul(loc, scale, z * torch.tensor(signs, dtype=dtype).unsqueeze(1)))
+    noise.affine_members_(out, loc, 0.3, generation=5, members=ids, index=1)
+    assert torch.equal(out, torch.add(loc, z, alpha=0.3))
+    w, v = [0.5, -1.0, 0.0, 0.25], [0.0, 2.0, 0.0, -0.5]
+    s1, s2 = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    noise.accumulate_(s1, w, generation=5, members=ids, index=1, squares=s2, square_weights=v)
+    z32 = z.float()
+    torch.testing.assert_close(s1, (torch.tensor(w) @ z32).to(dtype), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(s2, (torch.tensor(v) @ z32.square()).to(dtype), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="square weight"):
+        noise.accumulate_(s1, w, generation=5, members=ids, index=1, squares=s2)
+
+
+def test_table_blocks_are_the_slices_a_draw_copies_read_in_place():
+    noise = SeededNoise(9, "gaussian-table")
+    n = 2 * BLOCK + 5
+    drawn = noise.full((n,), generation=2, member=4, index=1)
+    table = noise.table()
+    starts = []
+    for start, z in noise.member_blocks(n, 2, 4, 1):
+        assert z.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()  # a view
+        assert torch.equal(z, drawn[start : start + z.numel()])
+        starts.append(start)
+    assert starts == [0, BLOCK, 2 * BLOCK]
+    with pytest.raises(ValueError, match="block-keyed"):
+        next(noise.member_blocks(SMALL, 2, 4, 1))
+
+
 def test_antithetic_pairs_are_exact_negatives():
     assert [mirrored(m) for m in range(4)] == [(0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0)]
     model = tiny_lm()

@@ -247,6 +247,54 @@ def test_table_noise_samples_save_and_solve(name: str) -> None:
         make(name, noise="rademacher")
 
 
+@pytest.mark.parametrize("name", ["sep-cma", "snes", "pgpe", "cem", "rm-es", "lm-ma-es"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_table_noise_is_read_in_place_with_the_numbers_of_drawn_copies(name, dtype, monkeypatch):
+    """With the shared table, each candidate is written straight from its slices of the table and
+    tell sums them where they lie: no population-sized draw and no cache. The candidates have the
+    bits of the same strategy computing them from drawn copies of those numbers, and its updates
+    agree to float rounding (the sums run in another order)."""
+    from nograd.core.noise import SMALL
+
+    dim = SMALL * 4 + 3  # block-keyed noise (group draws cover small tensors)
+    big_draws = []
+    real_draw = SeededNoise._draw
+
+    def counting_draw(self, out, key, generator=None):
+        if out.numel() > SMALL:
+            big_draws.append(out.numel())
+        return real_draw(self, out, key, generator)
+
+    def build(in_place: bool) -> Strategy:
+        es = ASK_TELL[name](
+            torch.linspace(-1, 1, dim, dtype=torch.float64), 0.3, 8, 5, noise="gaussian-table"
+        )
+        es.sample_dtype = dtype
+        es.table_in_place = in_place
+        return es
+
+    es, copies = build(True), build(False)
+    reads_in_place = name != "lm-ma-es" or dtype == torch.float32  # LM-MA-ES's paper stream keeps z
+    assert es._reads_table_in_place() == reads_in_place and not copies._reads_table_in_place()
+    es.noise.table()  # made once per seed (by draws), then only read
+    monkeypatch.setattr(SeededNoise, "_draw", counting_draw)
+    for _ in range(3):
+        big_draws.clear()
+        X = es.ask()
+        f = ellipsoid(X.double())
+        es.tell(f)
+        if reads_in_place:
+            assert big_draws == [] and es._cached() is None
+        big_draws.clear()
+        Y = copies.ask()
+        assert torch.equal(X, Y)
+        copies.tell(f)
+        assert big_draws  # the oracle does draw its copies
+        torch.testing.assert_close(es.mean, copies.mean, rtol=1e-6, atol=1e-6)
+        assert es.sigma == pytest.approx(copies.sigma, rel=1e-6)
+        copies.load_state_dict(es.state_dict())  # keep the two on one path
+
+
 @pytest.mark.parametrize("noise", ["gaussian", "gaussian-table"])
 def test_lm_ma_es_direct_sampling_resumes_bit_for_bit(noise: str) -> None:
     """Float32 samples draw d directly; the next generation's factor is built in tell's pass over M,

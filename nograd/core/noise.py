@@ -278,35 +278,108 @@ class SeededNoise:
         generation: int,
         members: list[int] | range,
         index: int,
+        squares: torch.Tensor | None = None,
+        square_weights: list[float] | None = None,
     ) -> torch.Tensor:
-        """``out += Σ_j weights[j] * members((n,), ...)[j]`` in place, for ``out`` ``(n,)``: a weighted
-        sum over members without drawing them all (see :meth:`add_members_`)."""
+        """``out += Σ_j weights[j] * z_j`` in place, ``z_j = members((n,), ...)[j]``, for ``out`` ``(n,)``: a
+        weighted sum over members without drawing them all (see :meth:`add_members_`). With
+        ``squares`` (``(n,)``) also ``squares += Σ_j square_weights[j] * z_j^2``, from the same read of
+        each block."""
         (n,) = out.shape
         if len(weights) != len(members):
             raise ValueError(f"{len(weights)} weights for {len(members)} members")
+        if squares is not None and (square_weights is None or len(square_weights) != len(members)):
+            raise ValueError("squares needs one square weight per member")
         if n <= SMALL:
             noise = self.members((n,), generation=generation, members=members, index=index, device=out.device)
-            return out.add_(torch.as_tensor(weights, dtype=noise.dtype, device=out.device) @ noise)
-        for w, m in zip(weights, members):
-            self._add_blocks(out, float(w), generation, m, index)
+            out.add_(torch.as_tensor(weights, dtype=noise.dtype, device=out.device) @ noise)
+            if squares is not None:
+                v = torch.as_tensor(square_weights, dtype=noise.dtype, device=out.device)
+                squares.add_(v @ noise.square())
+            return out
+        v_all = [0.0] * len(weights) if squares is None else square_weights
+        scratch = self._scratch(n, out.device)
+        for w, v, m in zip(weights, v_all, members):
+            w, v = float(w), float(v)
+            if w == 0.0 and v == 0.0:
+                continue
+            for start, z in self.member_blocks(n, generation, m, index, out.device, scratch):
+                end = start + z.numel()
+                if w != 0.0:
+                    out[start:end].add_(z, alpha=w)
+                if v != 0.0:
+                    squares[start:end].addcmul_(z, z, value=v)
         return out
+
+    def affine_members_(
+        self,
+        out: torch.Tensor,
+        loc: torch.Tensor,
+        scale: torch.Tensor | float,
+        *,
+        generation: int,
+        members: list[int] | range,
+        index: int,
+        signs: list[float] | None = None,
+    ) -> torch.Tensor:
+        """``out[j] = loc + signs[j] * scale * z_j`` (``scale`` a tensor ``(n,)``, elementwise, or a
+        number) for ``out`` ``(len(members), n)``, ``z_j = members((n,), ...)[j]``: each row written in
+        one pass, with ``"gaussian-table"`` blocks read straight from the table (no draw at all) and
+        the other kinds drawn a block at a time. The same numbers as the two steps written out."""
+        k, n = out.shape
+        if k != len(members):
+            raise ValueError(f"out has {k} rows for {len(members)} members")
+        signs = [1.0] * k if signs is None else [float(s) for s in signs]
+        if n <= SMALL:
+            z = self.members((n,), generation=generation, members=members, index=index, device=out.device)
+            z = z.to(out.dtype) * torch.tensor(signs, dtype=out.dtype, device=out.device).unsqueeze(1)
+            if isinstance(scale, torch.Tensor):
+                return torch.addcmul(loc.to(out.dtype), scale.to(out.dtype), z, out=out)
+            return torch.add(loc.to(out.dtype), z, alpha=float(scale), out=out)
+        scratch = self._scratch(n, out.device)
+        for row, m, sign in zip(out, members, signs):
+            for start, z in self.member_blocks(n, generation, m, index, out.device, scratch):
+                end = start + z.numel()
+                if isinstance(scale, torch.Tensor):
+                    torch.addcmul(loc[start:end], scale[start:end], z, value=sign, out=row[start:end])
+                else:
+                    torch.add(loc[start:end], z, alpha=sign * float(scale), out=row[start:end])
+        return out
+
+    def member_blocks(
+        self,
+        n: int,
+        generation: int,
+        member: int,
+        index: int,
+        device: torch.device | str = "cpu",
+        scratch: torch.Tensor | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, z)`` over one member's noise of ``n > SMALL`` numbers, a block at a time: for
+        ``"gaussian-table"`` the slice of the table that :meth:`fill_` would copy (a view, read in
+        place), for the other kinds the block drawn into ``scratch`` (valid until the next one)."""
+        if n <= SMALL:
+            raise ValueError(f"member_blocks reads block-keyed noise (more than {SMALL} numbers), got {n}")
+        table = self.table(device) if self.distribution == "gaussian-table" else None
+        for block, start in enumerate(range(0, n, BLOCK)):
+            size = min(BLOCK, n - start)
+            key = self.key(generation, member, index, block)
+            if table is not None:
+                offset = key % (TABLE_SIZE - size + 1)
+                yield start, table[offset : offset + size]
+                continue
+            scratch = self._scratch(n, device) if scratch is None else scratch
+            self._draw(scratch[:size], key)
+            yield start, scratch[:size]
+
+    def _scratch(self, n: int, device: torch.device | str) -> torch.Tensor | None:
+        """A block's buffer for :meth:`member_blocks` (None with the table, which needs none)."""
+        return None if self.distribution == "gaussian-table" else torch.empty(min(n, BLOCK), device=device)
 
     def _add_blocks(self, row: torch.Tensor, alpha: float, generation: int, member: int, index: int) -> None:
         """``row += alpha *`` the member's noise, block by block (``row`` 1-D, longer than ``SMALL``)."""
-        table = self.table(row.device) if self.distribution == "gaussian-table" else None
-        scratch = None
-        for block, start in enumerate(range(0, row.numel(), BLOCK)):
-            part = row[start : start + BLOCK]
-            key = self.key(generation, member, index, block)
-            if table is not None:  # the slice _draw would copy
-                offset = key % (TABLE_SIZE - part.numel() + 1)
-                part.add_(table[offset : offset + part.numel()], alpha=alpha)
-                continue
-            if scratch is None:
-                scratch = torch.empty(min(row.numel(), BLOCK), device=row.device)
-            drawn = scratch[: part.numel()]
-            self._draw(drawn, key)
-            part.add_(drawn, alpha=alpha)
+        for start, z in self.member_blocks(row.numel(), generation, member, index, row.device):
+            row[start : start + z.numel()].add_(z, alpha=alpha)
 
     def full_chunks(
         self,

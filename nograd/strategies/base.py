@@ -106,6 +106,9 @@ class Strategy:
     sample_dtype: torch.dtype = F64
     #: whether the strategy's equations hold with float32 samples (the population-sized work only)
     float32_samples: ClassVar[bool] = False
+    #: whether its candidates and weighted sums go through :meth:`_affine_samples` and
+    #: :meth:`_weighted_sums` only, so that shared-table noise can be read in place, never drawn
+    table_in_place: ClassVar[bool] = False
     _common_keys: ClassVar[tuple[str, ...]] = (
         "seed",
         "generation",
@@ -217,8 +220,44 @@ class Strategy:
             return cache[torch.as_tensor(ids, dtype=torch.long)]
         return self._draw_members(ids)
 
+    def _reads_table_in_place(self) -> bool:
+        """Whether the samples are read from the shared noise table where they lie: each candidate
+        is written from its slices in one pass and ``tell`` sums them in place, so a cache of the
+        generation's draws would cost one more pass over ``popsize x dim`` numbers, not save one."""
+        return self.table_in_place and self.noise_kind == "gaussian-table"
+
+    def _affine_samples(
+        self,
+        ids: Sequence[int],
+        loc: Tensor,
+        scale: Tensor | float,
+        signs: Sequence[float] | None = None,
+    ) -> Tensor:
+        """``loc + s_j scale ⊙ z_j`` for the noise ids ``ids`` (``s_j = signs[j]``, default 1),
+        ``(len(ids), dim)`` in :attr:`sample_dtype`: the first step of most strategies' sampling.
+
+        With the shared table read in place each row is written straight from its slices
+        (:meth:`~nograd.core.noise.SeededNoise.affine_members_`), with no ``z`` drawn; otherwise
+        from :meth:`standard_normal` (the generation cache). The same numbers either way."""
+        ids = [int(i) for i in ids]
+        dt = self.sample_dtype
+        loc = loc.to(dt)
+        scale = scale.to(dt) if isinstance(scale, Tensor) else float(scale)
+        if self._reads_table_in_place():
+            out = torch.empty(len(ids), self.dim, dtype=dt)
+            signs = None if signs is None else list(signs)
+            return self.noise.affine_members_(
+                out, loc, scale, generation=self.generation, members=ids, index=0, signs=signs
+            )
+        z = self.standard_normal(ids)
+        if signs is not None:  # a sign flip is exact: the products below round as in the table's path
+            z = z * torch.tensor(list(signs), dtype=z.dtype).unsqueeze(1)
+        if isinstance(scale, Tensor):
+            return torch.addcmul(loc, scale, z)
+        return torch.add(loc, z, alpha=scale)
+
     def _cached(self) -> Tensor | None:
-        if self._n_noise * self.dim > self.cache_elements:
+        if self._n_noise * self.dim > self.cache_elements or self._reads_table_in_place():
             return None
         if self._cache is None or self._cache[0] != self.generation:
             self._cache = (self.generation, self._draw_members(range(self._n_noise)))
@@ -237,6 +276,19 @@ class Strategy:
         over the noise ids ``ids``, regenerating at most ``chunk_elements`` numbers at a time."""
         s1 = torch.zeros(self.dim, dtype=F64)
         s2 = torch.zeros(self.dim, dtype=F64)
+        if self._reads_table_in_place():  # each member's slices read once, where they lie
+            t1 = torch.zeros(self.dim, dtype=self.sample_dtype)
+            t2 = None if square_weights is None else torch.zeros(self.dim, dtype=self.sample_dtype)
+            self.noise.accumulate_(
+                t1,
+                weights.tolist(),
+                generation=self.generation,
+                members=[int(i) for i in ids],
+                index=0,
+                squares=t2,
+                square_weights=None if square_weights is None else square_weights.tolist(),
+            )
+            return s1.add_(t1), s2 if t2 is None else s2.add_(t2)
         cache = self._cached()
         if cache is not None and len(set(ids)) == len(ids):
             # weights scattered to the members' rows: the cache is read in place, not gathered

@@ -53,6 +53,7 @@ class CEM(DiagonalStd, Strategy):
 
     name = "cem"
     float32_samples = True
+    table_in_place = True
     _state_keys = ("stdev", "n_elite", "smoothing", "extra_noise", "extra_noise_decay", "min_stdev")
     min_popsize = 3
 
@@ -81,8 +82,7 @@ class CEM(DiagonalStd, Strategy):
         self.min_stdev = _check_range("min_stdev", min_stdev, 0.0, math.inf)
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
-        z = self.standard_normal(members)
-        return torch.addcmul(self.mean.to(z.dtype), self.stdev.to(z.dtype), z)
+        return self._affine_samples(members, self.mean, self.stdev)
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         elites = order[: self.n_elite].tolist()

@@ -84,6 +84,7 @@ class LMMAES(Strategy):
 
     name = "lm-ma-es"
     float32_samples = True
+    table_in_place = True
     _state_keys = ("M", "gram", "p_sigma", "weights", "mu", "mu_w", "c_sigma", "c_d", "c_c")
 
     def __init__(
@@ -296,12 +297,9 @@ class LMMAES(Strategy):
         return self._draw_members(members, index=1, size=max(used, 1))[:, :r]
 
     def _reads_table_in_place(self) -> bool:
-        """Direct sampling with the shared table adds each ``g`` to its candidate straight from the
-        table: a cache of the generation's draws would cost one more pass, not save one."""
-        return self.noise_kind == "gaussian-table" and self.direct_sampling()
-
-    def _cached(self) -> Tensor | None:
-        return None if self._reads_table_in_place() else super()._cached()
+        """Direct sampling adds each ``g`` to its candidate straight from the shared table (the
+        paper's stream transforms whole rows of ``z``, so it keeps the generation cache)."""
+        return super()._reads_table_in_place() and self.direct_sampling()
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
         if not self.direct_sampling():
@@ -363,13 +361,7 @@ class LMMAES(Strategy):
     def _direct_weighted_sums(self, ids: list[int]) -> Tensor:
         """``Σ w d`` of the selected, float64, from their seeds: ``s Σ w g + N^T Σ w u``."""
         scale, N, _ = self._direct_factor()
-        if self._reads_table_in_place():
-            g_w = torch.zeros(self.dim, dtype=self.sample_dtype)
-            self.noise.accumulate_(
-                g_w, self.weights.tolist(), generation=self.generation, members=ids, index=0
-            )
-        else:
-            g_w, _ = self._weighted_sums(ids, self.weights)
+        g_w, _ = self._weighted_sums(ids, self.weights)  # the table read in place where it is the noise
         d_w = g_w.to(F64).mul_(scale)
         if N.shape[0]:
             d_w.add_((self.weights @ self._coefficients(ids, N.shape[0]).to(F64)) @ N)

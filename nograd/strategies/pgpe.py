@@ -64,6 +64,7 @@ class PGPE(DiagonalStd, Strategy):
 
     name = "pgpe"
     float32_samples = True
+    table_in_place = True
     _state_keys = ("stdev", "velocity", "max_speed", "step_size", "momentum", "stdev_lr", "stdev_max_change")
 
     def __init__(
@@ -109,9 +110,7 @@ class PGPE(DiagonalStd, Strategy):
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
         pairs = [mirrored(int(i)) for i in members]
-        z = self.standard_normal([k for k, _ in pairs])
-        signs = torch.tensor([s for _, s in pairs], dtype=z.dtype).unsqueeze(1)
-        return torch.addcmul(self.mean.to(z.dtype), signs, z * self.stdev.to(z.dtype))
+        return self._affine_samples([k for k, _ in pairs], self.mean, self.stdev, [s for _, s in pairs])
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         u = centered_ranks(losses)

@@ -64,6 +64,7 @@ class RmES(Strategy):
 
     name = "rm-es"
     float32_samples = True
+    table_in_place = True
     _state_keys = (
         "P",
         "t_hat",
@@ -139,23 +140,24 @@ class RmES(Strategy):
         r = self._r_cache[1]
         return r if members is None else r[torch.as_tensor(list(members), dtype=torch.long)]
 
-    def _step(self, z: Tensor, r: Tensor, scale: float = 1.0, shift: Tensor | None = None) -> Tensor:
-        """``shift + scale (a^m z + b sum_i a^{m-i} r_i P_i)`` for rows of ``z`` ``(k, n)`` and ``r``
-        ``(k, m)``, in ``z``'s dtype: one pass for the first term, then one rank-1 update per path
-        (a GEMM with an inner size of ``m`` paths is several times slower on a CPU)."""
-        a_m = math.sqrt(1 - self.c_cov) ** self.paths
-        coef = (r * self._path_coefficients() * scale).to(z.dtype)
-        if shift is None:
-            out = z * (scale * a_m)
-        else:
-            out = torch.add(shift.to(z.dtype), z, alpha=scale * a_m)
+    def _step(self, z: Tensor, r: Tensor) -> Tensor:
+        """``a^m z + b sum_i a^{m-i} r_i P_i`` for rows of ``z`` ``(k, n)`` and ``r`` ``(k, m)``, in
+        ``z``'s dtype."""
+        return self._add_paths(z * math.sqrt(1 - self.c_cov) ** self.paths, r, 1.0)
+
+    def _add_paths(self, out: Tensor, r: Tensor, scale: float) -> Tensor:
+        """``out += scale b sum_i a^{m-i} r_i P_i`` in place: one rank-1 update per path (a GEMM
+        with an inner size of ``m`` paths is several times slower on a CPU)."""
+        coef = (r * self._path_coefficients() * scale).to(out.dtype)
         for j in range(self.P.shape[0]):
-            out.addr_(coef[:, j], self.P[j].to(z.dtype))
+            out.addr_(coef[:, j], self.P[j].to(out.dtype))
         return out
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
         members = list(members)
-        return self._step(self.standard_normal(members), self.path_scalars(members), self.sigma, self.mean)
+        a_m = math.sqrt(1 - self.c_cov) ** self.paths
+        out = self._affine_samples(members, self.mean, self.sigma * a_m)  # = mean + σ a^m z, as _step
+        return self._add_paths(out, self.path_scalars(members), self.sigma)
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         selected = order[: self.mu]

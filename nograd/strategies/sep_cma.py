@@ -56,6 +56,7 @@ class SepCMAES(Strategy):
 
     name = "sep-cma"
     float32_samples = True
+    table_in_place = True
     _state_keys = (
         "diag_c",
         "p_sigma",
@@ -109,8 +110,7 @@ class SepCMAES(Strategy):
         self.chi_n = expected_norm(n)
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
-        z = self.standard_normal(members)
-        return torch.addcmul(self.mean.to(z.dtype), (self.sigma * self.diag_c.sqrt()).to(z.dtype), z)
+        return self._affine_samples(members, self.mean, self.sigma * self.diag_c.sqrt())
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         n, cs, cc, c1, cmu = self.dim, self.c_sigma, self.c_c, self.c_1, self.c_mu

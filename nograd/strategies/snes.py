@@ -55,6 +55,7 @@ class SNES(DiagonalStd, Strategy):
 
     name = "snes"
     float32_samples = True
+    table_in_place = True
     _state_keys = ("stdev", "utilities", "eta_mu", "eta_sigma")
 
     def __init__(
@@ -76,8 +77,7 @@ class SNES(DiagonalStd, Strategy):
         self.utilities: Tensor = snes_utilities(self.popsize)
 
     def _candidates(self, members: Sequence[int]) -> Tensor:
-        z = self.standard_normal(members)
-        return torch.addcmul(self.mean.to(z.dtype), self.stdev.to(z.dtype), z)
+        return self._affine_samples(members, self.mean, self.stdev)
 
     def _update(self, losses: Tensor, order: Tensor) -> None:
         u = self.utilities  # u[k] belongs to member order[k]
