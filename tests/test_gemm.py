@@ -41,6 +41,19 @@ def test_onednn_linear_equals_f_linear(backend, bias, shape):
     torch.testing.assert_close(gemm.linear(xt, w, b), F.linear(xt, w, b), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["torch", pytest.param("onednn", marks=needs_onednn)])
+def test_addmm_in_place_equals_the_product_added(backend, name):
+    backend(name)
+    torch.manual_seed(1)
+    out, a, b = torch.randn(6, 40), torch.randn(6, 2), torch.randn(2, 40)
+    want = out + a @ b
+    got = gemm.addmm_(out, a, b)
+    assert got is out
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    d = torch.randn(6, 40, dtype=torch.float64)  # float64: torch's, whatever the backend
+    torch.testing.assert_close(gemm.addmm_(d.clone(), a.double(), b.double()), d + a.double() @ b.double())
+
+
 def test_the_choice_follows_the_setting_and_the_vendor(monkeypatch):
     monkeypatch.setattr(gemm, "_onednn_linear_available", lambda: True)
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)

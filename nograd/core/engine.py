@@ -31,7 +31,7 @@ from torch import nn
 
 from . import gemm
 from .compiling import CompiledOrEager
-from .noise import SeededNoise
+from .noise import SMALL, SeededNoise
 from .rounding import ROUNDED_BITS, add_rounded_, round_key, stochastic_round_
 
 Direction = tuple[int, float]  # (noise direction index, scale such as +sigma or -sigma)
@@ -193,11 +193,7 @@ class ParamSpace:
             else:
                 flat.add_(a @ b.T, alpha=alpha / math.sqrt(self.rank))
             return
-        flat = target.view(-1)
-        for start, z in noise.full_chunks(
-            flat.numel(), generation=generation, member=direction, index=i, device=target.device
-        ):
-            flat[start : start + z.numel()].add_(z, alpha=alpha)
+        noise.add_(target, alpha, generation=generation, member=direction, index=i)
 
 
 DENSE_MEMBER_ROWS = 8  # rows per member from which a dense-noise linear layer writes each member's weight
@@ -242,6 +238,17 @@ def accumulate(
                 c = torch.tensor([c for _, c in coefficients], dtype=a.dtype, device=a.device)
                 a = (a * c.view(-1, 1, 1)).transpose(0, 1).flatten(1)  # (out, k*r)
                 use(p, (a @ b.transpose(0, 1).flatten(1).T).div_(math.sqrt(space.rank)).view(p.shape), i)
+            elif (
+                not space.lowrank[i]
+                and SMALL < p.numel() <= DENSE_STACK
+                and len(coefficients) > 1
+                and noise.reads_in_place(i)
+            ):
+                # the shared table's slices, summed where they lie: no stack of directions
+                g = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                dirs, cs = [d for d, _ in coefficients], [c for _, c in coefficients]
+                noise.accumulate_(g, cs, generation=generation, members=dirs, index=i)
+                use(p, g.view(p.shape), i)
             elif not space.lowrank[i] and p.numel() <= DENSE_STACK and len(coefficients) > 1:
                 # dense tensors up to DENSE_STACK numbers: directions stacked a chunk at a time, one
                 # matrix-vector product per chunk instead of an add per direction
@@ -704,6 +711,8 @@ class BatchedPerturbation:
             return self._dense(wi)
         live = self._live
         base = mod.weight.to(torch.float32)
+        if live.pair_scale is not None and live.selected is None and self._table_in_place(wi):
+            return self._pair_weights_from_table(base, wi)
         if live.pair_scale is not None and live.selected is None:
             e = self._pair_dense(wi)
             w = torch.empty(e.shape[0], 2, *e.shape[1:], dtype=e.dtype, device=e.device)
@@ -711,6 +720,25 @@ class BatchedPerturbation:
             torch.add(base, e, alpha=-live.pair_scale, out=w[:, 1])
             return w.flatten(0, 1)
         return self._dense(wi) + base
+
+    def _table_in_place(self, i: int) -> bool:
+        """Whether tensor ``i``'s members read the shared noise table's slices where they lie."""
+        n = self.space.tensors[i].numel()
+        return isinstance(self.noise, SeededNoise) and n > SMALL and self.noise.reads_in_place(i)
+
+    def _pair_weights_from_table(self, base: torch.Tensor, wi: int) -> torch.Tensor:
+        """``W + s E_k`` and ``W - s E_k`` for each mirrored pair, ``(P, out, in)``, written straight
+        from the table's slices of ``E_k`` (no stack of directions drawn first)."""
+        live, s = self._live, self._live.pair_scale
+        pairs = [d for d, _ in live.members[::2]]
+        w = torch.empty(len(pairs), 2, base.numel(), dtype=base.dtype, device=base.device)
+        flat = base.view(-1)
+        for k, d in enumerate(pairs):
+            for start, z in self.noise.member_blocks(base.numel(), live.generation, d, wi, base.device):
+                end = start + z.numel()
+                torch.add(flat[start:end], z, alpha=s, out=w[k, 0, start:end])
+                torch.add(flat[start:end], z, alpha=-s, out=w[k, 1, start:end])
+        return w.view(2 * len(pairs), *base.shape)
 
     def _linear_members(self, mod: nn.Linear, x_in: torch.Tensor) -> torch.Tensor:
         """Each member's rows through its own weight and bias, one ``baddbmm``."""

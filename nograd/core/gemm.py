@@ -43,7 +43,7 @@ from torch import nn
 # torch.func's transform stack (private; without it, or without custom ops, oneDNN is never used)
 _peek_transforms = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
 
-__all__ = ["ENV_VAR", "backend", "linear", "linears_through", "set_backend"]
+__all__ = ["ENV_VAR", "addmm_", "backend", "linear", "linears_through", "set_backend"]
 
 ENV_VAR = "NOGRAD_GEMM"
 CHOICES = ("auto", "torch", "onednn")
@@ -149,6 +149,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if use_onednn:
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out += a @ b`` in place (``a`` ``(n, k)``, ``b`` ``(k, m)``), through the faster kernel of this
+    machine: torch's ``addmm_`` (one pass over ``out``), or oneDNN's product into a buffer, then
+    added (MKL's path on other vendors' CPUs is slow for a small inner size ``k``)."""
+    if (
+        out.device.type == "cpu"
+        and out.dtype == a.dtype == b.dtype == torch.float32
+        and (_chosen if _chosen is not None else backend()) == "onednn"
+        and not _differentiating(out, a, b)
+    ):
+        return out.add_(_onednn_linear(a, b.T, None))
+    return out.addmm_(a, b)
 
 
 @contextmanager

@@ -346,6 +346,26 @@ class SeededNoise:
                     torch.add(loc[start:end], z, alpha=sign * float(scale), out=row[start:end])
         return out
 
+    def reads_in_place(self, index: int) -> bool:
+        """Whether tensor ``index``'s noise is the shared table's own slices, which :meth:`add_`,
+        :meth:`accumulate_` and :meth:`affine_members_` read where they lie instead of drawing."""
+        return self.distribution == "gaussian-table"
+
+    def add_(
+        self, out: torch.Tensor, alpha: float, *, generation: int, member: int, index: int
+    ) -> torch.Tensor:
+        """``out += alpha * full(out.shape, ...)`` in place, a few blocks of noise at a time (the
+        table's slices read in place where :meth:`reads_in_place`): no tensor-sized draw."""
+        flat = out.view(-1)
+        if flat.numel() > SMALL and self.reads_in_place(index):
+            self._add_blocks(flat, alpha, generation, member, index)
+            return out
+        for start, z in self.full_chunks(
+            flat.numel(), generation=generation, member=member, index=index, device=flat.device
+        ):
+            flat[start : start + z.numel()].add_(z, alpha=alpha)
+        return out
+
     def member_blocks(
         self,
         n: int,

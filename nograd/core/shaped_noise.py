@@ -111,6 +111,11 @@ class ShapedNoise(SeededNoise):
         """Whether tensor ``index``'s draws are transformed at all."""
         return self.orthogonal or index in self.guides or self.scales.get(index, 1.0) != 1.0
 
+    def reads_in_place(self, index: int) -> bool:
+        """A shaped tensor's directions are computed from its draws, never the table's slices as
+        they lie."""
+        return super().reads_in_place(index) and not self.shapes(index)
+
     # the transforms --------------------------------------------------------------------------
     def _orthogonal_block(self, key: tuple, generation: int, draw: Draw, block: range) -> torch.Tensor:
         """The block's raw directions (k, dim, r) orthogonalised over all k*r columns, each rescaled

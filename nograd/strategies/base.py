@@ -232,9 +232,11 @@ class Strategy:
         loc: Tensor,
         scale: Tensor | float,
         signs: Sequence[float] | None = None,
+        out: Tensor | None = None,
     ) -> Tensor:
         """``loc + s_j scale ⊙ z_j`` for the noise ids ``ids`` (``s_j = signs[j]``, default 1),
-        ``(len(ids), dim)`` in :attr:`sample_dtype`: the first step of most strategies' sampling.
+        ``(len(ids), dim)`` in :attr:`sample_dtype` (into ``out`` when given): the first step of most
+        strategies' sampling.
 
         With the shared table read in place each row is written straight from its slices
         (:meth:`~nograd.core.noise.SeededNoise.affine_members_`), with no ``z`` drawn; otherwise
@@ -243,8 +245,8 @@ class Strategy:
         dt = self.sample_dtype
         loc = loc.to(dt)
         scale = scale.to(dt) if isinstance(scale, Tensor) else float(scale)
+        out = torch.empty(len(ids), self.dim, dtype=dt) if out is None else out
         if self._reads_table_in_place():
-            out = torch.empty(len(ids), self.dim, dtype=dt)
             signs = None if signs is None else list(signs)
             return self.noise.affine_members_(
                 out, loc, scale, generation=self.generation, members=ids, index=0, signs=signs
@@ -253,8 +255,8 @@ class Strategy:
         if signs is not None:  # a sign flip is exact: the products below round as in the table's path
             z = z * torch.tensor(list(signs), dtype=z.dtype).unsqueeze(1)
         if isinstance(scale, Tensor):
-            return torch.addcmul(loc, scale, z)
-        return torch.add(loc, z, alpha=scale)
+            return torch.addcmul(loc, scale, z, out=out)
+        return torch.add(loc, z, alpha=scale, out=out)
 
     def _cached(self) -> Tensor | None:
         if self._n_noise * self.dim > self.cache_elements or self._reads_table_in_place():

@@ -307,17 +307,12 @@ class LMMAES(Strategy):
         ids = [int(i) for i in members]
         scale, _, cols = self._direct_factor()
         mean = self.mean.to(self.sample_dtype)
+        # y + σ (s g + N^T u): each row written once from its draw of g (the shared table's slices
+        # read in place where that is the noise), then N^T u added in one product
+        out = self._affine_samples(ids, mean, self.sigma * scale)
         if cols.shape[1]:
-            u = self._coefficients(ids, cols.shape[1]).mul_(self.sigma)
-            out = gemm.linear(u, cols, mean) if mean.dtype == torch.float32 else torch.addmm(mean, u, cols.T)
-        else:
-            out = mean.expand(len(ids), self.dim).clone()
-        # y + σ (N^T u + s g), g as standard_normal() gives it
-        if not self._reads_table_in_place():
-            return out.add_(self.standard_normal(ids), alpha=self.sigma * scale)
-        return self.noise.add_members_(
-            out, self.sigma * scale, generation=self.generation, members=ids, index=0
-        )
+            gemm.addmm_(out, self._coefficients(ids, cols.shape[1]).mul_(self.sigma), cols.T)
+        return out
 
     def untransform(self, d: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, M z)`` with ``T z = d`` for a float64 ``d`` ``(n,)``, ``M z`` over all ``m`` rows.
