@@ -375,11 +375,10 @@ class SeededNoise:
         device: torch.device | str = "cpu",
         scratch: torch.Tensor | None = None,
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, z)`` over one member's noise of ``n > SMALL`` numbers, a block at a time: for
-        ``"gaussian-table"`` the slice of the table that :meth:`fill_` would copy (a view, read in
-        place), for the other kinds the block drawn into ``scratch`` (valid until the next one)."""
-        if n <= SMALL:
-            raise ValueError(f"member_blocks reads block-keyed noise (more than {SMALL} numbers), got {n}")
+        """``(start, z)`` over the blocks :meth:`fill_` writes for one member's ``n`` numbers: for
+        ``"gaussian-table"`` the slice of the table it would copy (a view, read in place), for the
+        other kinds the block drawn into ``scratch`` (valid until the next one). These are the
+        numbers of :meth:`members` only for ``n > SMALL`` (smaller tensors are drawn by groups)."""
         table = self.table(device) if self.distribution == "gaussian-table" else None
         for block, start in enumerate(range(0, n, BLOCK)):
             size = min(BLOCK, n - start)

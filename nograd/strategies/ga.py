@@ -115,9 +115,19 @@ class GA(Strategy):
 
     def _mutate_(self, x: Tensor, seed: int, bufs: tuple[Tensor, Tensor]) -> Tensor:
         """``x += sigma * eps(seed)`` in place; the one code path for evaluation and rebuilding."""
+        if self.noise_kind == "gaussian-table":
+            return self._child(x, x, seed)
         b32, wide = bufs
         self._draw(seed, b32)
         return x.add_(b32 if wide.dtype == torch.float32 else wide.copy_(b32), alpha=self.sigma)
+
+    def _child(self, out: Tensor, parent: Tensor, seed: int) -> Tensor:
+        """``out = parent + sigma * eps(seed)`` for the shared table, in one pass, its slices read
+        where they lie (the numbers and the float arithmetic of :meth:`_mutate_`'s draw and add)."""
+        for start, z in self.noise.member_blocks(self.dim, 0, int(seed), 0):
+            end = start + z.numel()
+            torch.add(parent[start:end], z, alpha=self.sigma, out=out[start:end])
+        return out
 
     def mutation(self, seed: int) -> Tensor:
         """``eps(seed)``: the standard-normal mutation vector of one seed (float32 draws as float64)."""
@@ -163,6 +173,8 @@ class GA(Strategy):
                 out[row] = cache[1][m]
             elif self._is_elite(m):
                 out[row] = self.mean  # the elite as built: float32 -> float64 -> float32 is exact
+            elif self.noise_kind == "gaussian-table":  # parent + sigma * eps in one pass
+                self._child(out[row], self._parent_vecs[self._parent_index(m)], self._seed(m))
             else:
                 # parent + sigma * eps: the same in-place float64 add as genome_to_params
                 out[row] = self._parent_vecs[self._parent_index(m)]
