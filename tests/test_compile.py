@@ -90,3 +90,26 @@ def test_train_with_compile_reports_the_compile_time(tmp_path):
     assert summary["steps"] == 2 and summary["compile_s"] > 0
     with pytest.raises(UsageError, match="--compile applies to the batched population methods"):
         train(tiny_config(tmp_path, optimizer="adamw", compile=True))
+
+
+def test_gelus_stay_one_aten_call_in_a_compiled_graph_and_are_restored():
+    from nograd.core.compiling import gelus_through_aten
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2), nn.GELU(approximate="tanh"))
+    x = torch.randn(3, 4)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    forwards: dict = {}
+    with torch.no_grad(), gelus_through_aten(model, forwards):
+        got = torch.compile(model, backend=capture)(x)
+        first = model[1].forward
+    assert torch.equal(got, model(x))  # ATen's kernel: eager's numbers
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.nograd.gelu.default) == 2
+    assert "forward" not in model[1].__dict__  # restored
+    with gelus_through_aten(model, forwards):
+        assert model[1].forward is first  # the same object in the next context: no new trace

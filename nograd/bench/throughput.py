@@ -18,11 +18,12 @@ with no forward) and the forward (``compiled_forward_ratio`` = compiled inferenc
 rest). The first compiled call of each is timed apart (``compile_s``) and left out of the medians.
 
 The engine computes its linear layers' shared product with this machine's faster float32 GEMM
-(:mod:`nograd.core.gemm`: oneDNN on x86 CPUs that are not Intel's, whose MKL path is slow), which
-plain inference of the module does not. So the bench also times plain inference through the same
-GEMM (``gemm`` names it): ``inference_gemm_speedup`` = plain inference's time / its time with the
-engine's GEMM, and ``same_gemm_ratio`` / ``compiled_same_gemm_ratio`` are the ratios above against
-that like-for-like yardstick.
+(:mod:`nograd.core.gemm`: oneDNN on x86 CPUs that are not Intel's, whose MKL path is slow), and
+its compiled CPU graph leaves GELU to ATen's kernel (:func:`nograd.core.compiling.gelus_through_aten`),
+which plain inference of the module does not. So the bench also times plain inference through the
+same kernels (``gemm`` names the GEMM): ``inference_gemm_speedup`` = plain inference's time / its
+time with the engine's kernels, and ``same_gemm_ratio`` / ``compiled_same_gemm_ratio`` are the
+ratios above against that like-for-like yardstick.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from ..core import gemm
+from ..core.compiling import gelus_through_aten
 from ..core.engine import BatchedPerturbation, ParamSpace, accumulate, member_directions
 from ..core.noise import SeededNoise
 from ..models.gpt import GPT, GPTConfig
@@ -73,10 +75,12 @@ def measure(
         with torch.no_grad():
             model(rows)
 
-    # plain inference with the engine's own GEMM (oneDNN's where MKL is slow): like for like
+    # plain inference with the engine's own kernels (its GEMM: oneDNN's where MKL is slow; ATen's
+    # GELU in a compiled CPU graph): like for like
     same_gemm = copy.deepcopy(model)
     routed = ExitStack()
     routed.enter_context(gemm.linears_through(same_gemm))
+    routed.enter_context(gelus_through_aten(same_gemm))
 
     def inference_same_gemm() -> None:
         with torch.no_grad():

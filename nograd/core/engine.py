@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemm
-from .compiling import CompiledOrEager
+from .compiling import CompiledOrEager, gelus_through_aten
 from .noise import SMALL, SeededNoise
 from .rounding import ROUNDED_BITS, add_rounded_, round_key, stochastic_round_
 
@@ -950,9 +950,10 @@ class BatchedPerturbation:
                 patched.append((m, m.forward))
                 m.forward = lambda x, m=m: self._norm(m, x)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), ExitStack() as kernels:
                 if compiled:
                     self._prefill()
+                    kernels.enter_context(gelus_through_aten(self.module, self._forwards))
                     patched.append((self.module, self.module.forward))
                     self.module.forward = self._compiled_forward(self.module.forward)
                 yield
