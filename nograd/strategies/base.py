@@ -6,7 +6,9 @@ standard-normal vector it uses is regenerated from ``(seed, generation, member, 
 candidate from seeds, and :meth:`Strategy.tell` re-derives what it needs (usually a few weighted sums
 of the samples) without keeping a ``popsize x dim`` matrix alive for large ``dim``. When
 ``popsize * dim <= cache_elements`` the generation's samples are cached instead (pure speed-up: the
-numbers are the same).
+numbers are the same). With the shared noise table (``noise="gaussian-table"``) the strategies that
+set :attr:`Strategy.table_in_place` read the table's slices where they lie: each candidate is
+written from them in one pass and ``tell`` sums them in place, so no sample is drawn or cached.
 
 The distribution's state (mean, step sizes, paths, covariance factors) is float64. The samples and
 candidates are float64 too by default; a strategy with ``float32_samples`` driving float32 weights
