@@ -268,3 +268,31 @@ def test_a_checkpointed_training_run_with_all_three_resumes_exactly(tmp_path):
     )
     assert a["step"] == b["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "gaussian-table"])
+def test_block_readers_of_shaped_noise_read_the_shaped_directions(distribution):
+    """add_, accumulate_ and affine_members_ read what members() gives for a shaped tensor (the
+    table is never read in place there) and for an unshaped one (the table's slices are)."""
+    from nograd.core.noise import SMALL
+
+    n = 2 * SMALL + 7  # block-keyed
+    noise = ShapedNoise(1, distribution, directions=4, orthogonal=True)
+    noise.scales[1] = 0.5
+    for index, shaped in ((0, True), (1, True)):
+        assert noise.shapes(index) == shaped and not noise.reads_in_place(index)
+    plain = ShapedNoise(1, distribution, directions=4)
+    assert plain.reads_in_place(0) == (distribution == "gaussian-table")
+    for nz in (noise, plain):
+        for index in (0, 1):
+            z = nz.members((n,), generation=3, members=range(4), index=index)
+            out = nz.add_(torch.zeros(n), 2.0, generation=3, member=1, index=index)
+            torch.testing.assert_close(out, 2.0 * z[1])
+            acc = nz.accumulate_(
+                torch.zeros(n), [1.0, -1.0, 0.5, 0.0], generation=3, members=range(4), index=index
+            )
+            torch.testing.assert_close(acc, torch.tensor([1.0, -1.0, 0.5, 0.0]) @ z, atol=1e-5, rtol=1e-5)
+            rows = nz.affine_members_(
+                torch.empty(4, n), torch.ones(n), 0.5, generation=3, members=range(4), index=index
+            )
+            torch.testing.assert_close(rows, 1.0 + 0.5 * z)

@@ -116,6 +116,23 @@ class ShapedNoise(SeededNoise):
         they lie."""
         return super().reads_in_place(index) and not self.shapes(index)
 
+    def member_blocks(
+        self,
+        n: int,
+        generation: int,
+        member: int,
+        index: int,
+        device: torch.device | str = "cpu",
+        scratch: torch.Tensor | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """A shaped direction in one block, the whole of it (a projection or a block's QR needs the
+        whole tensor), so what reads blocks (``add_``, ``accumulate_``, ``affine_members_``) reads it
+        shaped."""
+        if not self.shapes(index):
+            yield from super().member_blocks(n, generation, member, index, device, scratch)
+            return
+        yield 0, self.full((n,), generation=generation, member=member, index=index, device=device)
+
     # the transforms --------------------------------------------------------------------------
     def _orthogonal_block(self, key: tuple, generation: int, draw: Draw, block: range) -> torch.Tensor:
         """The block's raw directions (k, dim, r) orthogonalised over all k*r columns, each rescaled
