@@ -17,7 +17,8 @@ interleaved and repeated, and the ratio is ``median(strategy) / median(reference
   product per generation; see :mod:`nograd.strategies.lm_ma_es`).
 * full ``cma`` is skipped: it stores a dim x dim covariance (8e10 bytes at dim 1e5).
 * ``--table`` adds each dense strategy again with ``noise="gaussian-table"``, reported as
-  ``"NAME (gaussian-table)"``; ``--counter`` likewise with ``noise="gaussian-counter"`` (the
+  ``"NAME (gaussian-table)"`` (its candidates are written from the table's slices where they lie,
+  and its update sums them in place: no samples are drawn); ``--counter`` likewise with ``noise="gaussian-counter"`` (the
   compiled counter-based Gaussian; its kernel is compiled in the untimed first generation).
 
 Next to the ratios: ``floor_ratio``, the physical floor of a dense strategy (the reference, which
