@@ -18,8 +18,9 @@ interleaved and repeated, and the ratio is ``median(strategy) / median(reference
 * full ``cma`` is skipped: it stores a dim x dim covariance (8e10 bytes at dim 1e5).
 * ``--table`` adds each dense strategy again with ``noise="gaussian-table"``, reported as
   ``"NAME (gaussian-table)"`` (its candidates are written from the table's slices where they lie,
-  and its update sums them in place: no samples are drawn); ``--counter`` likewise with ``noise="gaussian-counter"`` (the
-  compiled counter-based Gaussian; its kernel is compiled in the untimed first generation).
+  and its update sums them in place: no samples are drawn); ``--counter`` likewise with
+  ``noise="gaussian-counter"`` (the compiled counter-based Gaussian; its kernel is compiled in the
+  untimed first generation).
 
 Next to the ratios: ``floor_ratio``, the physical floor of a dense strategy (the reference, which
 reads the ``P x d`` weights once, plus one write of the ``P x d`` float32 population), and
